@@ -1,0 +1,7 @@
+"""Distributions of rhovae: ``torch.distributions``-compatible, with closed-form KLs registered."""
+
+from rhovae.distributions import kl  # noqa: F401  (registers the KL pairs)
+from rhovae.distributions.ar1 import AR1Normal, ar1_filter
+from rhovae.distributions.kl import kl_ar1_standard_normal
+
+__all__ = ["AR1Normal", "ar1_filter", "kl_ar1_standard_normal"]

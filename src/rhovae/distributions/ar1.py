@@ -1,0 +1,351 @@
+"""The AR(1) Gaussian: a normal distribution whose correlation matrix is an AR(1) Toeplitz matrix.
+
+Every operation is O(d) per sample (the sample is an O(d log d) parallel scan); the dense views exist
+for references and debugging and are never touched by the fast paths. Equation numbers refer to
+docs/math.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.distributions import constraints
+from torch.distributions.distribution import Distribution
+from torch.distributions.utils import _standard_normal, lazy_property
+
+__all__ = ["AR1Normal", "ar1_filter", "open_unit_interval"]
+
+
+class _OpenInterval(constraints.Constraint):
+    """Constrain to the open interval ``(lower_bound, upper_bound)``; torch ships only closed ones."""
+
+    def __init__(self, lower_bound: float, upper_bound: float) -> None:
+        self.lower_bound = lower_bound
+        self.upper_bound = upper_bound
+        super().__init__()
+
+    def check(self, value: Tensor) -> Tensor:
+        return (self.lower_bound < value) & (value < self.upper_bound)
+
+    def __repr__(self) -> str:
+        return f"OpenInterval(lower_bound={self.lower_bound}, upper_bound={self.upper_bound})"
+
+
+open_unit_interval = _OpenInterval(-1.0, 1.0)
+
+
+def _reduce_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a broadcast gradient back onto the shape of the input it came from."""
+    if t.shape == shape:
+        return t
+    lead = t.dim() - len(shape)
+    t = t.sum(dim=tuple(range(lead))) if lead > 0 else t
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def _scan_first_order(x: Tensor, rho: Tensor, reverse: bool) -> Tensor:
+    """Solve ``y_j = rho * y_(j-1) + x_j`` (or ``y_(j+1)`` when ``reverse``) by a Hillis–Steele scan.
+
+    After the step with shift k, ``y_j`` holds ``sum_(m < 2k) rho^m x_(j-m)``; log2(d) vectorised
+    steps replace the d-step Python loop of the reference code (docs/math.md §4).
+    """
+    shape = torch.broadcast_shapes(x.shape, rho.shape)
+    y = x.expand(shape).clone()
+    coef = rho
+    d = y.shape[-1]
+    k = 1
+    while k < d:
+        if reverse:
+            y[..., :-k].add_(coef * y[..., k:])
+        else:
+            y[..., k:].add_(coef * y[..., :-k])
+        coef = coef * coef
+        k *= 2
+    return y
+
+
+class _AR1Filter(torch.autograd.Function):
+    """The linear filter ``y = F_rho x`` with its analytic adjoint (docs/math.md §4).
+
+    Backward runs the same filter in the other direction, through this Function again, so gradients
+    of any order exist: ``dl/dx = F_rho^T g`` and ``dl/drho = sum_j a_j y_(j-1)``.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, rho: Tensor, reverse: bool) -> Tensor:  # type: ignore[override]
+        return _scan_first_order(x, rho, reverse)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, rho, reverse = inputs
+        ctx.save_for_backward(rho, output)
+        ctx.reverse = reverse
+        ctx.x_shape = x.shape
+        ctx.rho_shape = rho.shape
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        rho, y = ctx.saved_tensors
+        adjoint = _AR1Filter.apply(grad_y, rho, not ctx.reverse)
+        grad_x = grad_rho = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _reduce_to_shape(adjoint, ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            if ctx.reverse:
+                terms = adjoint[..., :-1] * y[..., 1:]
+            else:
+                terms = adjoint[..., 1:] * y[..., :-1]
+            grad_rho = _reduce_to_shape(terms.sum(-1, keepdim=True), ctx.rho_shape)
+        return grad_x, grad_rho, None
+
+
+def ar1_filter(x: Tensor, rho: Tensor) -> Tensor:
+    """Apply ``y_0 = x_0, y_j = rho * y_(j-1) + x_j`` along the last dimension.
+
+    Args:
+        x: innovations, shape ``(..., d)``.
+        rho: filter coefficient, shape ``(..., 1)``, broadcastable against ``x``.
+
+    Returns:
+        ``y`` with the broadcast shape of ``x`` and ``rho``; differentiable in both.
+    """
+    if x.shape[-1] == 1:
+        return x.expand(torch.broadcast_shapes(x.shape, rho.shape))
+    return _AR1Filter.apply(x, rho, False)
+
+
+def _one_minus_rho_sq(rho: Tensor) -> Tensor:
+    """``1 - rho^2`` as ``(1 - rho)(1 + rho)``: no cancellation as ``|rho| -> 1`` (docs/math.md §5)."""
+    return (1 - rho) * (1 + rho)
+
+
+def _ar1_logdet(rho: Tensor, scale: Tensor, d: int) -> Tensor:
+    """``log det(D T(rho) D) = 2 sum_i log sigma_i + (d - 1) log(1 - rho^2)`` (docs/math.md eq. 5).
+
+    ``rho`` is ``(..., 1)``, ``scale`` is ``(..., 1)`` (shared) or ``(..., d)``; returns ``(...)``.
+    """
+    log_scale = scale.log()
+    log_scale_sum = log_scale.sum(-1) * (d if scale.shape[-1] == 1 else 1)
+    return 2 * log_scale_sum + (d - 1) * _one_minus_rho_sq(rho).log()[..., 0]
+
+
+def _ar1_mahalanobis(w: Tensor, rho: Tensor) -> Tensor:
+    """``w^T T(rho)^-1 w`` through the tridiagonal precision (docs/math.md eq. 6).
+
+    Equals ``w_0^2 + sum_(j>=1) (w_j - rho w_(j-1))^2 / (1 - rho^2)``: the squared standardised
+    innovations of the AR(1) recurrence. ``w`` is the deviation divided by the scale, ``(..., d)``.
+    """
+    first = w[..., 0].pow(2)
+    if w.shape[-1] == 1:
+        return first.expand(torch.broadcast_shapes(first.shape, rho.shape[:-1]))
+    innovations = w[..., 1:] - rho * w[..., :-1]
+    return first + innovations.pow(2).sum(-1) / _one_minus_rho_sq(rho)[..., 0]
+
+
+def _ar1_precision_trace(rho_p: Tensor, rho_q: Tensor, ratio: Tensor, d: int) -> Tensor:
+    """``tr(C_p^-1 C_q)`` for two AR(1) Gaussians, O(d) (docs/math.md eq. 9).
+
+    With ``C = D T(rho) D`` and ``r_i = sigma_q,i / sigma_p,i`` (``ratio``, ``(..., 1)`` or
+    ``(..., d)``), only the tridiagonal band of ``T(rho_p)^-1`` meets ``T(rho_q)``:
+    ``[sum_i c_i r_i^2 - 2 rho_p rho_q sum_i r_i r_(i+1)] / (1 - rho_p^2)`` with
+    ``c = (1, 1 + rho_p^2, ..., 1 + rho_p^2, 1)``. For d = 1 the precision is ``1 / s_p``.
+    """
+    r = ratio.expand(ratio.shape[:-1] + (d,))
+    if d == 1:
+        return r[..., 0].pow(2).expand(torch.broadcast_shapes(r.shape[:-1], rho_p.shape[:-1]))
+    r_sq = r.pow(2)
+    interior = r_sq[..., 1:-1].sum(-1, keepdim=True)
+    diagonal = r_sq.sum(-1, keepdim=True) + rho_p.pow(2) * interior
+    neighbours = (r[..., 1:] * r[..., :-1]).sum(-1, keepdim=True)
+    band = diagonal - 2 * rho_p * rho_q * neighbours
+    return (band / _one_minus_rho_sq(rho_p))[..., 0]
+
+
+class AR1Normal(Distribution):
+    r"""A multivariate normal whose covariance is an AR(1) correlation scaled per dimension::
+
+        covariance_matrix = diag(scale) @ T(rho) @ diag(scale),   T(rho)[j, k] = rho ** |j - k|
+
+    With a shared ``scale`` of shape ``(..., 1)`` this is the ρ-VAE posterior of Ferdowsi et al.
+    (2019), ``C = s T(rho)`` with ``scale = sqrt(s)``; with ``scale`` of shape ``(..., d)`` it is the
+    "ρ + diagonal" generalisation, which contains the diagonal Gaussian at ``rho = 0``.
+
+    Example:
+        >>> q = AR1Normal(torch.zeros(4, 10), torch.full((4, 1), 0.5), torch.ones(4, 1))
+        >>> z = q.rsample()                      # (4, 10), differentiable in loc, rho, scale
+        >>> q.log_prob(z).shape
+        torch.Size([4])
+        >>> prior = Independent(Normal(torch.zeros(10), torch.ones(10)), 1)
+        >>> kl_divergence(q, prior).shape        # closed form, O(d)
+        torch.Size([4])
+
+    Args:
+        loc (Tensor): mean, shape ``batch_shape + (d,)``.
+        rho (Tensor): lag-one correlation in (-1, 1), shape ``batch_shape + (1,)``.
+        scale (Tensor): standard deviation per dimension, positive, shape ``batch_shape + (1,)``
+            (one scale shared by all dimensions) or ``batch_shape + (d,)``.
+
+    Batch shapes broadcast. Sampling runs the AR(1) recurrence
+    ``w_0 = eps_0, w_j = rho w_(j-1) + sqrt(1 - rho^2) eps_j`` as a parallel scan, so
+    ``rsample`` has no Python loop over ``d``; ``log_prob`` uses the tridiagonal precision.
+    """
+
+    arg_constraints = {
+        "loc": constraints.real_vector,
+        "rho": constraints.independent(open_unit_interval, 1),
+        "scale": constraints.independent(constraints.positive, 1),
+    }
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(
+        self,
+        loc: Tensor,
+        rho: Tensor | float,
+        scale: Tensor | float,
+        validate_args: bool | None = None,
+    ) -> None:
+        if not isinstance(loc, Tensor) or loc.dim() < 1:
+            raise ValueError("loc must be a tensor of shape (..., d) with at least one dimension")
+        rho = torch.as_tensor(rho, dtype=loc.dtype, device=loc.device)
+        scale = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device)
+        d = loc.shape[-1]
+        if d < 1:
+            raise ValueError("loc must have a latent dimension d >= 1 in its last axis")
+        if rho.dim() < 1 or rho.shape[-1] != 1:
+            raise ValueError(
+                f"rho must have shape (..., 1), one correlation per batch element; got "
+                f"{tuple(rho.shape)} (use rho.unsqueeze(-1))"
+            )
+        if scale.dim() < 1 or scale.shape[-1] not in (1, d):
+            raise ValueError(
+                f"scale must have shape (..., 1) or (..., {d}); got {tuple(scale.shape)}"
+            )
+        try:
+            batch_shape = torch.broadcast_shapes(loc.shape[:-1], rho.shape[:-1], scale.shape[:-1])
+        except RuntimeError as e:
+            raise ValueError(
+                f"incompatible batch shapes: loc {tuple(loc.shape)}, rho {tuple(rho.shape)}, "
+                f"scale {tuple(scale.shape)}"
+            ) from e
+        self.loc = loc.expand(batch_shape + (d,))
+        self.rho = rho.expand(batch_shape + (1,))
+        self.scale = scale.expand(batch_shape + scale.shape[-1:])
+        super().__init__(batch_shape, torch.Size((d,)), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(AR1Normal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.loc = self.loc.expand(batch_shape + self.event_shape)
+        new.rho = self.rho.expand(batch_shape + (1,))
+        new.scale = self.scale.expand(batch_shape + self.scale.shape[-1:])
+        super(AR1Normal, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def latent_dim(self) -> int:
+        return self._event_shape[0]
+
+    @property
+    def per_dim_scale(self) -> bool:
+        """True when each dimension has its own scale (the "ρ + diagonal" family)."""
+        return self.scale.shape[-1] != 1 or self.latent_dim == 1
+
+    @property
+    def mean(self) -> Tensor:
+        return self.loc
+
+    @property
+    def mode(self) -> Tensor:
+        return self.loc
+
+    @lazy_property
+    def variance(self) -> Tensor:  # type: ignore[override]
+        return self.scale.pow(2).expand(self._batch_shape + self._event_shape)
+
+    @property
+    def stddev(self) -> Tensor:
+        return self.scale.expand(self._batch_shape + self._event_shape)
+
+    @lazy_property
+    def one_minus_rho_sq(self) -> Tensor:
+        """``1 - rho^2``, shape ``batch_shape + (1,)``, computed without cancellation."""
+        return _one_minus_rho_sq(self.rho)
+
+    @lazy_property
+    def log_det_covariance(self) -> Tensor:
+        """``log det C``, shape ``batch_shape`` (docs/math.md eq. 5)."""
+        return _ar1_logdet(self.rho, self.scale, self.latent_dim)
+
+    # Dense views: for references and debugging only; O(d^2) memory per batch element.
+    def _lag_matrix(self) -> Tensor:
+        idx = torch.arange(self.latent_dim, device=self.loc.device)
+        return idx[:, None] - idx[None, :]
+
+    @lazy_property
+    def correlation_matrix(self) -> Tensor:
+        """``T(rho)[j, k] = rho ** |j - k|``, shape ``batch_shape + (d, d)``."""
+        lag = self._lag_matrix().abs().to(self.loc.dtype)
+        return self.rho.unsqueeze(-1).pow(lag)
+
+    @lazy_property
+    def covariance_matrix(self) -> Tensor:
+        sd = self.stddev
+        return sd.unsqueeze(-1) * self.correlation_matrix * sd.unsqueeze(-2)
+
+    @lazy_property
+    def scale_tril(self) -> Tensor:
+        """``diag(scale) L_rho`` with ``(L_rho)[j, 0] = rho^j`` and
+        ``(L_rho)[j, k] = sqrt(1 - rho^2) rho^(j-k)`` for ``1 <= k <= j`` (docs/math.md eq. 2)."""
+        lag = self._lag_matrix()
+        rho = self.rho.unsqueeze(-1)
+        powers = rho.pow(lag.clamp(min=0).to(self.loc.dtype))
+        lower = torch.where(lag >= 0, powers, torch.zeros_like(powers))
+        first_column = torch.arange(self.latent_dim, device=self.loc.device) == 0
+        column_scale = torch.where(first_column, torch.ones_like(rho), self.one_minus_rho_sq.sqrt().unsqueeze(-1))
+        return self.stddev.unsqueeze(-1) * lower * column_scale
+
+    @lazy_property
+    def precision_matrix(self) -> Tensor:
+        """``D^-1 T(rho)^-1 D^-1`` with the tridiagonal ``T^-1`` of docs/math.md eq. 4."""
+        d = self.latent_dim
+        shape = self._batch_shape + (d, d)
+        if d == 1:
+            return self.stddev.pow(-2).unsqueeze(-1).expand(shape)
+        rho = self.rho
+        inner = torch.ones(d, dtype=self.loc.dtype, device=self.loc.device)
+        inner[0] = inner[-1] = 0
+        diagonal = (1 + rho.pow(2) * inner) / self.one_minus_rho_sq
+        off = (-rho / self.one_minus_rho_sq).expand(self._batch_shape + (d - 1,))
+        t_inv = torch.diag_embed(diagonal.expand(self._batch_shape + (d,)))
+        t_inv = t_inv + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+        inv_sd = self.stddev.reciprocal()
+        return inv_sd.unsqueeze(-1) * t_inv * inv_sd.unsqueeze(-2)
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        shape = self._extended_shape(sample_shape)
+        eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
+        if self.latent_dim > 1:
+            # Innovations of the unit-variance recurrence: x_0 = eps_0, x_j = sqrt(1-rho^2) eps_j
+            # (docs/math.md eq. 3); the reference code omits the sqrt(1-rho^2).
+            first = torch.arange(self.latent_dim, device=self.loc.device) == 0
+            innovation_scale = torch.where(first, 1.0, self.one_minus_rho_sq.sqrt())
+            eps = ar1_filter(eps * innovation_scale, self.rho)
+        return self.loc + self.scale * eps
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        w = (value - self.loc) / self.scale
+        mahalanobis = _ar1_mahalanobis(w, self.rho)
+        d = self.latent_dim
+        return -0.5 * (d * math.log(2 * math.pi) + self.log_det_covariance + mahalanobis)
+
+    def entropy(self) -> Tensor:
+        d = self.latent_dim
+        h = 0.5 * (d * (1.0 + math.log(2 * math.pi)) + self.log_det_covariance)
+        return h.expand(self._batch_shape)

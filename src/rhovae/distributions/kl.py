@@ -1,0 +1,80 @@
+"""Closed-form KL divergences involving :class:`AR1Normal`, registered with ``register_kl``.
+
+Callers write ``kl_divergence(q, p)`` and never branch on types. All results are per batch element
+(shape = the broadcast batch shape), in nats. Equation numbers refer to docs/math.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
+
+from rhovae.distributions.ar1 import AR1Normal, _ar1_logdet, _ar1_mahalanobis, _ar1_precision_trace
+
+__all__ = ["kl_ar1_standard_normal"]
+
+
+def kl_ar1_standard_normal(q: AR1Normal) -> Tensor:
+    """``KL(q || N(0, I)) = 1/2 [|mu|^2 + sum sigma_i^2 - d - log det C]`` per sample (docs/math.md eq. 7)."""
+    d = q.latent_dim
+    trace = q.variance.sum(-1)
+    return 0.5 * (q.loc.pow(2).sum(-1) + trace - d - q.log_det_covariance)
+
+
+def _kl_ar1_diagonal(q: AR1Normal, loc: Tensor, std: Tensor) -> Tensor:
+    """KL to ``N(loc, diag(std^2))``: only the diagonal of C meets a diagonal precision, O(d) (eq. 8)."""
+    d = q.latent_dim
+    trace = (q.variance / std.pow(2)).sum(-1)
+    mahalanobis = ((q.loc - loc) / std).pow(2).sum(-1)
+    log_det_p = 2 * std.log().sum(-1)
+    return 0.5 * (trace + mahalanobis - d + log_det_p - q.log_det_covariance)
+
+
+@register_kl(AR1Normal, Independent)
+def _kl_ar1_independent(q: AR1Normal, p: Independent) -> Tensor:
+    if not isinstance(p.base_dist, Normal) or p.reinterpreted_batch_ndims != 1:
+        raise NotImplementedError("closed-form KL(AR1Normal || Independent) needs Independent(Normal, 1)")
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"KL between event shapes {tuple(q.event_shape)} and {tuple(p.event_shape)}")
+    return _kl_ar1_diagonal(q, p.base_dist.loc, p.base_dist.scale)
+
+
+def _is_fixed_standard_normal(p: MultivariateNormal) -> bool:
+    """True for a constant N(0, I); a learnable prior must keep its gradients, so it never qualifies."""
+    tril = p._unbroadcasted_scale_tril
+    if p.loc.requires_grad or tril.requires_grad:
+        return False
+    eye = torch.eye(tril.shape[-1], dtype=tril.dtype, device=tril.device)
+    return bool(torch.count_nonzero(p.loc) == 0) and torch.equal(tril, eye.expand_as(tril))
+
+
+@register_kl(AR1Normal, MultivariateNormal)
+def _kl_ar1_mvn(q: AR1Normal, p: MultivariateNormal) -> Tensor:
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"KL between event shapes {tuple(q.event_shape)} and {tuple(p.event_shape)}")
+    if _is_fixed_standard_normal(p):
+        return kl_ar1_standard_normal(q).expand(torch.broadcast_shapes(q.batch_shape, p.batch_shape))
+    # A general prior: dense, O(d^3), through p's Cholesky factor.
+    # tr(C_p^-1 C_q) = ||L_p^-1 L_q||_F^2, Mahalanobis = ||L_p^-1 (mu_q - mu_p)||^2.
+    d = q.latent_dim
+    batch = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    l_p = p._unbroadcasted_scale_tril.expand(batch + (d, d))
+    l_q = q.scale_tril.expand(batch + (d, d))
+    trace = torch.linalg.solve_triangular(l_p, l_q, upper=False).pow(2).sum((-2, -1))
+    diff = (q.loc - p.loc).expand(batch + (d,)).unsqueeze(-1)
+    mahalanobis = torch.linalg.solve_triangular(l_p, diff, upper=False).pow(2).sum((-2, -1))
+    log_det_p = 2 * l_p.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return 0.5 * (trace + mahalanobis - d + log_det_p - q.log_det_covariance)
+
+
+@register_kl(AR1Normal, AR1Normal)
+def _kl_ar1_ar1(q: AR1Normal, p: AR1Normal) -> Tensor:
+    """KL between two AR(1) Gaussians in O(d) (docs/math.md §2, eq. 9-10)."""
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"KL between event shapes {tuple(q.event_shape)} and {tuple(p.event_shape)}")
+    d = q.latent_dim
+    trace = _ar1_precision_trace(p.rho, q.rho, q.scale / p.scale, d)
+    mahalanobis = _ar1_mahalanobis((q.loc - p.loc) / p.scale, p.rho)
+    log_det_p = _ar1_logdet(p.rho, p.scale, d)
+    return 0.5 * (trace + mahalanobis - d + log_det_p - q.log_det_covariance)

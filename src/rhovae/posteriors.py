@@ -1,0 +1,117 @@
+"""Posterior heads: ``nn.Module``s that map encoder features ``h (B, in_features)`` to ``q(z|x)``.
+
+Every head returns a ``torch.distributions.Distribution`` with ``event_shape = (latent_dim,)``; models
+only ever call ``head(h)`` and never ask which family they hold. Adding a family is one class here
+(or in its own file) and one entry in :data:`HEADS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+
+from rhovae.distributions import AR1Normal
+from rhovae.errors import RhovaeError
+
+__all__ = [
+    "HEADS",
+    "AR1GaussianHead",
+    "DiagonalGaussianHead",
+    "FullCovGaussianHead",
+    "make_head",
+]
+
+# tanh saturates to exactly 1.0 in float32 for pre-activations beyond ~9; scaling by this bound keeps
+# 1 - rho^2 >= 2e-6, so log det and its gradients stay finite whatever the encoder emits.
+RHO_BOUND = 1.0 - 1e-6
+
+
+class DiagonalGaussianHead(nn.Module):
+    """``q = N(mu, diag(sigma^2))``: a ``Linear(h, 2d)`` for the mean and the log-variance.
+
+    Returns ``Independent(Normal(mu, sigma), 1)`` of batch shape ``(B,)`` and event shape ``(d,)``.
+    """
+
+    def __init__(self, in_features: int, latent_dim: int) -> None:
+        super().__init__()
+        self.in_features, self.latent_dim = in_features, latent_dim
+        self.loc = nn.Linear(in_features, latent_dim)
+        self.log_var = nn.Linear(in_features, latent_dim)
+
+    def forward(self, h: Tensor) -> Distribution:
+        std = torch.exp(0.5 * self.log_var(h))
+        return Independent(Normal(self.loc(h), std, validate_args=False), 1, validate_args=False)
+
+
+class AR1GaussianHead(nn.Module):
+    """The ρ-VAE posterior ``q = N(mu, s T(rho))`` from two scalar heads (Ferdowsi et al. 2019).
+
+    ``mu = Linear(h, d)``, ``rho = RHO_BOUND * tanh(Linear(h, 1))``, ``log s = Linear(h, 1)``.
+    With ``per_dim_scale=True`` the log-variance head is ``Linear(h, d)`` instead ("ρ + diagonal",
+    docs/math.md §3). Returns an :class:`AR1Normal` of batch shape ``(B,)``.
+    """
+
+    def __init__(self, in_features: int, latent_dim: int, per_dim_scale: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.latent_dim = in_features, latent_dim
+        self.per_dim_scale = per_dim_scale
+        self.loc = nn.Linear(in_features, latent_dim)
+        self.rho = nn.Linear(in_features, 1)
+        self.log_var = nn.Linear(in_features, latent_dim if per_dim_scale else 1)
+
+    def forward(self, h: Tensor) -> Distribution:
+        rho = RHO_BOUND * torch.tanh(self.rho(h))
+        scale = torch.exp(0.5 * self.log_var(h))
+        return AR1Normal(self.loc(h), rho, scale, validate_args=False)
+
+
+class FullCovGaussianHead(nn.Module):
+    """``q = N(mu, L L^T)`` with ``L`` = strictly-lower part + ``diag(exp(log_var / 2))``.
+
+    ``d + d + d(d-1)/2`` outputs. With the strictly-lower part at zero it is the diagonal family.
+    Returns ``MultivariateNormal(mu, scale_tril=L)`` of batch shape ``(B,)``.
+    """
+
+    def __init__(self, in_features: int, latent_dim: int) -> None:
+        super().__init__()
+        self.in_features, self.latent_dim = in_features, latent_dim
+        self.loc = nn.Linear(in_features, latent_dim)
+        self.log_var = nn.Linear(in_features, latent_dim)
+        rows, cols = torch.tril_indices(latent_dim, latent_dim, offset=-1)
+        self.register_buffer("_rows", rows, persistent=False)
+        self.register_buffer("_cols", cols, persistent=False)
+        self.off_diagonal = nn.Linear(in_features, rows.numel()) if rows.numel() else None
+
+    def forward(self, h: Tensor) -> Distribution:
+        d = self.latent_dim
+        tril = torch.diag_embed(torch.exp(0.5 * self.log_var(h)))
+        if self.off_diagonal is not None:
+            lower = h.new_zeros(h.shape[:-1] + (d, d))
+            lower[..., self._rows, self._cols] = self.off_diagonal(h)
+            tril = tril + lower
+        return MultivariateNormal(self.loc(h), scale_tril=tril, validate_args=False)
+
+
+HeadFactory = Callable[[int, int], nn.Module]
+
+HEADS: dict[str, HeadFactory] = {
+    "diagonal": DiagonalGaussianHead,
+    "ar1": AR1GaussianHead,
+    "ar1-diag": partial(AR1GaussianHead, per_dim_scale=True),
+    "full": FullCovGaussianHead,
+}
+
+
+def make_head(name: str, in_features: int, latent_dim: int) -> nn.Module:
+    """Build the posterior head registered as ``name`` (one of :data:`HEADS`)."""
+    if name not in HEADS:
+        raise RhovaeError(f"unknown posterior {name!r}; choose one of: {', '.join(sorted(HEADS))}")
+    if in_features < 1 or latent_dim < 1:
+        raise RhovaeError(
+            f"posterior head sizes must be positive, got in_features={in_features}, latent_dim={latent_dim}"
+        )
+    return HEADS[name](in_features, latent_dim)
