@@ -221,9 +221,7 @@ class AR1Normal(Distribution):
                 f"{tuple(rho.shape)} (use rho.unsqueeze(-1))"
             )
         if scale.dim() < 1 or scale.shape[-1] not in (1, d):
-            raise ValueError(
-                f"scale must have shape (..., 1) or (..., {d}); got {tuple(scale.shape)}"
-            )
+            raise ValueError(f"scale must have shape (..., 1) or (..., {d}); got {tuple(scale.shape)}")
         try:
             batch_shape = torch.broadcast_shapes(loc.shape[:-1], rho.shape[:-1], scale.shape[:-1])
         except RuntimeError as e:
@@ -306,7 +304,9 @@ class AR1Normal(Distribution):
         powers = rho.pow(lag.clamp(min=0).to(self.loc.dtype))
         lower = torch.where(lag >= 0, powers, torch.zeros_like(powers))
         first_column = torch.arange(self.latent_dim, device=self.loc.device) == 0
-        column_scale = torch.where(first_column, torch.ones_like(rho), self.one_minus_rho_sq.sqrt().unsqueeze(-1))
+        column_scale = torch.where(
+            first_column, torch.ones_like(rho), self.one_minus_rho_sq.sqrt().unsqueeze(-1)
+        )
         return self.stddev.unsqueeze(-1) * lower * column_scale
 
     @lazy_property
@@ -326,7 +326,7 @@ class AR1Normal(Distribution):
         inv_sd = self.stddev.reciprocal()
         return inv_sd.unsqueeze(-1) * t_inv * inv_sd.unsqueeze(-2)
 
-    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
         shape = self._extended_shape(sample_shape)
         eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
         if self.latent_dim > 1:

@@ -78,3 +78,25 @@ def _kl_ar1_ar1(q: AR1Normal, p: AR1Normal) -> Tensor:
     mahalanobis = _ar1_mahalanobis((q.loc - p.loc) / p.scale, p.rho)
     log_det_p = _ar1_logdet(p.rho, p.scale, d)
     return 0.5 * (trace + mahalanobis - d + log_det_p - q.log_det_covariance)
+
+
+@register_kl(MultivariateNormal, Independent)
+def _kl_mvn_independent(q: MultivariateNormal, p: Independent) -> Tensor:
+    """KL from a full-covariance Gaussian to a diagonal one, O(d^2) (torch registers no such pair).
+
+    Only the diagonal of ``C_q = L L^T`` (row sums of ``L^2``) meets the diagonal precision.
+    """
+    if not isinstance(p.base_dist, Normal) or p.reinterpreted_batch_ndims != 1:
+        raise NotImplementedError(
+            "closed-form KL(MultivariateNormal || Independent) needs Independent(Normal, 1)"
+        )
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"KL between event shapes {tuple(q.event_shape)} and {tuple(p.event_shape)}")
+    std = p.base_dist.scale
+    tril = q._unbroadcasted_scale_tril
+    variance_q = tril.pow(2).sum(-1)
+    trace = (variance_q / std.pow(2)).sum(-1)
+    mahalanobis = ((q.loc - p.base_dist.loc) / std).pow(2).sum(-1)
+    log_det_q = 2 * tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    log_det_p = 2 * std.log().sum(-1)
+    return 0.5 * (trace + mahalanobis - q.event_shape[0] + log_det_p - log_det_q)
