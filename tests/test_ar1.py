@@ -162,11 +162,18 @@ def test_rsample_gradcheck():
 
 
 @pytest.mark.parametrize("d", [1, 2, 5, 33])
-def test_filter_gradcheck_and_gradgradcheck(d):
-    x = torch.randn(2, 3, d, dtype=torch.float64, requires_grad=True)
-    rho = (torch.rand(3, 1, dtype=torch.float64) * 1.8 - 0.9).requires_grad_()
-    assert torch.autograd.gradcheck(ar1_filter, (x, rho))
-    assert torch.autograd.gradgradcheck(ar1_filter, (x, rho))
+@pytest.mark.parametrize("per_dim", [False, True])
+def test_rsample_gradcheck_across_sizes_and_broadcasting(d, per_dim):
+    # loc broadcast over a batch of rhos and a sample dimension; rho up to +-0.99.
+    loc = torch.randn(1, d, dtype=torch.float64, requires_grad=True)
+    rho = torch.tensor([[-0.99], [0.0], [0.6], [0.99]], dtype=torch.float64, requires_grad=True)
+    scale = (torch.rand(4, d if per_dim else 1, dtype=torch.float64) + 0.5).requires_grad_()
+
+    def sample(loc, rho, scale):
+        torch.manual_seed(9)
+        return AR1Normal(loc, rho, scale).rsample((3,))
+
+    assert torch.autograd.gradcheck(sample, (loc, rho, scale))
 
 
 def test_filter_matches_recurrence():
@@ -177,6 +184,14 @@ def test_filter_matches_recurrence():
     for j in range(1, 37):
         y[:, j] = rho[:, 0] * y[:, j - 1] + x[:, j]
     torch.testing.assert_close(ar1_filter(x, rho), y, rtol=1e-12, atol=1e-12)
+    # the reverse direction used by the adjoint
+    from rhovae.distributions.ar1 import _scan_first_order
+
+    yr = torch.empty_like(x)
+    yr[:, -1] = x[:, -1]
+    for j in range(35, -1, -1):
+        yr[:, j] = rho[:, 0] * yr[:, j + 1] + x[:, j]
+    torch.testing.assert_close(_scan_first_order(x, rho, reverse=True), yr, rtol=1e-12, atol=1e-12)
 
 
 def test_log_prob_and_kl_gradcheck():

@@ -3,5 +3,6 @@
 from rhovae.distributions import kl  # noqa: F401  (registers the KL pairs)
 from rhovae.distributions.ar1 import AR1Normal, ar1_filter
 from rhovae.distributions.kl import kl_ar1_standard_normal
+from rhovae.distributions.standard_normal import StandardNormal
 
-__all__ = ["AR1Normal", "ar1_filter", "kl_ar1_standard_normal"]
+__all__ = ["AR1Normal", "StandardNormal", "ar1_filter", "kl_ar1_standard_normal"]

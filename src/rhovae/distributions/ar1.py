@@ -46,75 +46,100 @@ def _reduce_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-def _scan_first_order(x: Tensor, rho: Tensor, reverse: bool) -> Tensor:
-    """Solve ``y_j = rho * y_(j-1) + x_j`` (or ``y_(j+1)`` when ``reverse``) by a Hillis–Steele scan.
+def _scan_first_order(
+    x: Tensor, rho: Tensor, reverse: bool = False, x_scale: Tensor | None = None, unscaled_first: bool = False
+) -> Tensor:
+    """Solve ``y_j = rho * y_(j-1) + x_j`` (``y_(j+1)`` when ``reverse``) by a Hillis–Steele scan.
 
-    After the step with shift k, ``y_j`` holds ``sum_(m < 2k) rho^m x_(j-m)``; log2(d) vectorised
-    steps replace the d-step Python loop of the reference code (docs/math.md §4).
+    After the step with shift k, ``y_j`` holds ``sum_(m < 2k) rho^m x_(j-m)``: log2(d) vectorised
+    steps replace the d-step Python loop of the reference code (docs/math.md §4). ``x`` carries the
+    full shape; ``rho`` (and ``x_scale``, which multiplies ``x`` first, except element 0 when
+    ``unscaled_first``) broadcast against it. Not differentiable by itself:
+    :class:`_AR1Reparameterisation` supplies the analytic adjoint.
     """
-    shape = torch.broadcast_shapes(x.shape, rho.shape)
-    y = x.expand(shape).clone()
+    shape = x.shape
+    d = shape[-1]
+    # Two zero-padded buffers: a shifted view of one reads zeros where the shift runs off the end,
+    # so each step is a single fused multiply-add into the other buffer, with no aliasing.
+    bufs = x.new_empty((2,) + shape[:-1] + (2 * d,))
+    body, pad = (slice(0, d), slice(d, 2 * d)) if reverse else (slice(d, 2 * d), slice(0, d))
+    bufs[..., pad] = 0
+    views = [bufs[0, ..., body], bufs[1, ..., body]]
+    if x_scale is None:
+        views[0].copy_(x)
+    else:
+        torch.mul(x, x_scale, out=views[0])
+        if unscaled_first:
+            views[0][..., 0] = x[..., 0]
     coef = rho
-    d = y.shape[-1]
-    k = 1
+    k, src = 1, 0
     while k < d:
-        if reverse:
-            y[..., :-k].add_(coef * y[..., k:])
-        else:
-            y[..., k:].add_(coef * y[..., :-k])
-        coef = coef * coef
+        shifted = bufs[src, ..., k : d + k] if reverse else bufs[src, ..., d - k : 2 * d - k]
+        torch.addcmul(views[src], coef, shifted, out=views[1 - src])
+        src = 1 - src
         k *= 2
-    return y
-
-
-class _AR1Filter(torch.autograd.Function):
-    """The linear filter ``y = F_rho x`` with its analytic adjoint (docs/math.md §4).
-
-    Backward runs the same filter in the other direction, through this Function again, so gradients
-    of any order exist: ``dl/dx = F_rho^T g`` and ``dl/drho = sum_j a_j y_(j-1)``.
-    """
-
-    @staticmethod
-    def forward(x: Tensor, rho: Tensor, reverse: bool) -> Tensor:  # type: ignore[override]
-        return _scan_first_order(x, rho, reverse)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        x, rho, reverse = inputs
-        ctx.save_for_backward(rho, output)
-        ctx.reverse = reverse
-        ctx.x_shape = x.shape
-        ctx.rho_shape = rho.shape
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
-        rho, y = ctx.saved_tensors
-        adjoint = _AR1Filter.apply(grad_y, rho, not ctx.reverse)
-        grad_x = grad_rho = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _reduce_to_shape(adjoint, ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            if ctx.reverse:
-                terms = adjoint[..., :-1] * y[..., 1:]
-            else:
-                terms = adjoint[..., 1:] * y[..., :-1]
-            grad_rho = _reduce_to_shape(terms.sum(-1, keepdim=True), ctx.rho_shape)
-        return grad_x, grad_rho, None
+        if k < d:
+            coef = coef * coef
+    return views[src]
 
 
 def ar1_filter(x: Tensor, rho: Tensor) -> Tensor:
-    """Apply ``y_0 = x_0, y_j = rho * y_(j-1) + x_j`` along the last dimension.
+    """Apply ``y_0 = x_0, y_j = rho * y_(j-1) + x_j`` along the last dimension (no autograd).
 
     Args:
         x: innovations, shape ``(..., d)``.
         rho: filter coefficient, shape ``(..., 1)``, broadcastable against ``x``.
-
-    Returns:
-        ``y`` with the broadcast shape of ``x`` and ``rho``; differentiable in both.
     """
-    if x.shape[-1] == 1:
-        return x.expand(torch.broadcast_shapes(x.shape, rho.shape))
-    return _AR1Filter.apply(x, rho, False)
+    with torch.no_grad():
+        return _scan_first_order(x.expand(torch.broadcast_shapes(x.shape, rho.shape)), rho)
+
+
+class _AR1Reparameterisation(torch.autograd.Function):
+    """``z = loc + scale * w``, ``w_0 = eps_0``, ``w_j = rho w_(j-1) + sqrt(1-rho^2) eps_j``, fused.
+
+    One node in the autograd graph instead of a dozen keeps the AR(1) sample cheap. Backward is the
+    adjoint filter of docs/math.md §4: with ``a = F_rho^T (scale * g)``,
+    ``dl/drho = sum_(j>=1) a_j (w_(j-1) - rho / sqrt(1-rho^2) * eps_j)``.
+    """
+
+    @staticmethod
+    def forward(ctx, loc: Tensor, rho: Tensor, scale: Tensor, eps: Tensor) -> Tensor:  # type: ignore[override]
+        # eps carries the full shape sample_shape + batch_shape + (d,); the others broadcast to it.
+        innovation_scale = _one_minus_rho_sq(rho).sqrt()
+        w = _unit_ar1_path(rho, innovation_scale, eps)
+        ctx.save_for_backward(rho, scale, eps)
+        # w and innovation_scale are intermediates, not inputs or outputs: kept on ctx (documented
+        # practice for once-differentiable Functions), so backward does not recompute the scan.
+        ctx.w, ctx.innovation_scale = w, innovation_scale
+        ctx.shapes = (loc.shape, rho.shape, scale.shape)
+        return torch.addcmul(loc, scale, w)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_z: Tensor):  # type: ignore[override]
+        rho, scale, eps = ctx.saved_tensors
+        w, innovation_scale = ctx.w, ctx.innovation_scale
+        loc_shape, rho_shape, scale_shape = ctx.shapes
+        needs_loc, needs_rho, needs_scale, _ = ctx.needs_input_grad
+        grad_loc = _reduce_to_shape(grad_z, loc_shape) if needs_loc else None
+        grad_scale = _reduce_to_shape(grad_z * w, scale_shape) if needs_scale else None
+        grad_rho = None
+        if needs_rho:
+            if w.shape[-1] > 1:
+                adjoint = _scan_first_order(grad_z, rho, reverse=True, x_scale=scale)
+                d_innovation = eps[..., 1:] * (rho / innovation_scale)
+                terms = adjoint[..., 1:] * (w[..., :-1] - d_innovation)
+                grad_rho = _reduce_to_shape(terms.sum(-1, keepdim=True), rho_shape)
+            else:
+                grad_rho = torch.zeros(rho_shape, dtype=rho.dtype, device=rho.device)
+        return grad_loc, grad_rho, grad_scale, None
+
+
+def _unit_ar1_path(rho: Tensor, innovation_scale: Tensor, eps: Tensor) -> Tensor:
+    """The unit-variance AR(1) path ``w = L_rho eps`` (docs/math.md eq. 3); eps has the full shape."""
+    if eps.shape[-1] == 1:
+        return eps.clone()
+    return _scan_first_order(eps, rho, x_scale=innovation_scale, unscaled_first=True)
 
 
 def _one_minus_rho_sq(rho: Tensor) -> Tensor:
@@ -210,8 +235,10 @@ class AR1Normal(Distribution):
     ) -> None:
         if not isinstance(loc, Tensor) or loc.dim() < 1:
             raise ValueError("loc must be a tensor of shape (..., d) with at least one dimension")
-        rho = torch.as_tensor(rho, dtype=loc.dtype, device=loc.device)
-        scale = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device)
+        if not isinstance(rho, Tensor):
+            rho = torch.as_tensor(rho, dtype=loc.dtype, device=loc.device)
+        if not isinstance(scale, Tensor):
+            scale = torch.as_tensor(scale, dtype=loc.dtype, device=loc.device)
         d = loc.shape[-1]
         if d < 1:
             raise ValueError("loc must have a latent dimension d >= 1 in its last axis")
@@ -223,15 +250,20 @@ class AR1Normal(Distribution):
         if scale.dim() < 1 or scale.shape[-1] not in (1, d):
             raise ValueError(f"scale must have shape (..., 1) or (..., {d}); got {tuple(scale.shape)}")
         try:
-            batch_shape = torch.broadcast_shapes(loc.shape[:-1], rho.shape[:-1], scale.shape[:-1])
+            if loc.shape[:-1] == rho.shape[:-1] == scale.shape[:-1]:  # the common case, cheaply
+                batch_shape = loc.shape[:-1]
+            else:
+                batch_shape = torch.broadcast_shapes(loc.shape[:-1], rho.shape[:-1], scale.shape[:-1])
         except RuntimeError as e:
             raise ValueError(
                 f"incompatible batch shapes: loc {tuple(loc.shape)}, rho {tuple(rho.shape)}, "
                 f"scale {tuple(scale.shape)}"
             ) from e
-        self.loc = loc.expand(batch_shape + (d,))
-        self.rho = rho.expand(batch_shape + (1,))
-        self.scale = scale.expand(batch_shape + scale.shape[-1:])
+        self.loc = loc if loc.shape[:-1] == batch_shape else loc.expand(batch_shape + (d,))
+        self.rho = rho if rho.shape[:-1] == batch_shape else rho.expand(batch_shape + (1,))
+        self.scale = (
+            scale if scale.shape[:-1] == batch_shape else scale.expand(batch_shape + scale.shape[-1:])
+        )
         super().__init__(batch_shape, torch.Size((d,)), validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
@@ -329,13 +361,8 @@ class AR1Normal(Distribution):
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
         shape = self._extended_shape(sample_shape)
         eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
-        if self.latent_dim > 1:
-            # Innovations of the unit-variance recurrence: x_0 = eps_0, x_j = sqrt(1-rho^2) eps_j
-            # (docs/math.md eq. 3); the reference code omits the sqrt(1-rho^2).
-            first = torch.arange(self.latent_dim, device=self.loc.device) == 0
-            innovation_scale = torch.where(first, 1.0, self.one_minus_rho_sq.sqrt())
-            eps = ar1_filter(eps * innovation_scale, self.rho)
-        return self.loc + self.scale * eps
+        # The reference code omits sqrt(1 - rho^2) here and so samples another covariance.
+        return _AR1Reparameterisation.apply(self.loc, self.rho, self.scale, eps)
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:

@@ -10,16 +10,59 @@ import torch
 from torch import Tensor
 from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
 
-from rhovae.distributions.ar1 import AR1Normal, _ar1_logdet, _ar1_mahalanobis, _ar1_precision_trace
+from rhovae.distributions.ar1 import (
+    AR1Normal,
+    _ar1_logdet,
+    _ar1_mahalanobis,
+    _ar1_precision_trace,
+    _one_minus_rho_sq,
+)
+from rhovae.distributions.standard_normal import StandardNormal
 
 __all__ = ["kl_ar1_standard_normal"]
 
 
+class _KLAR1StandardNormal(torch.autograd.Function):
+    """``1/2 [|mu|^2 + sum_i (sigma_i^2 - 1 - log sigma_i^2) - (d-1) log(1-rho^2)]`` (docs/math.md eq. 7).
+
+    Fused with its analytic gradient (``d/dmu = mu``, ``d/dsigma = sigma - 1/sigma``,
+    ``d/drho = (d-1) rho / (1-rho^2)``): the most frequent term of every ρ-VAE loss costs one
+    autograd node instead of twenty.
+    """
+
+    @staticmethod
+    def forward(ctx, loc: Tensor, rho: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        d = loc.shape[-1]
+        repeat = d if scale.shape[-1] == 1 else 1  # a shared scale stands for d equal ones
+        var = scale.square()
+        scale_terms = (var - 1 - var.log()).sum(-1) * repeat
+        one_minus_rho_sq = _one_minus_rho_sq(rho)
+        ctx.save_for_backward(loc, rho, scale, one_minus_rho_sq)
+        ctx.repeat = repeat
+        return 0.5 * (loc.square().sum(-1) + scale_terms - (d - 1) * one_minus_rho_sq.log()[..., 0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        loc, rho, scale, one_minus_rho_sq = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        d = loc.shape[-1]
+        grad_loc = g * loc if ctx.needs_input_grad[0] else None
+        grad_rho = g * ((d - 1) * rho / one_minus_rho_sq) if ctx.needs_input_grad[1] else None
+        grad_scale = g * (ctx.repeat * (scale - scale.reciprocal())) if ctx.needs_input_grad[2] else None
+        return grad_loc, grad_rho, grad_scale
+
+
 def kl_ar1_standard_normal(q: AR1Normal) -> Tensor:
     """``KL(q || N(0, I)) = 1/2 [|mu|^2 + sum sigma_i^2 - d - log det C]`` per sample (docs/math.md eq. 7)."""
-    d = q.latent_dim
-    trace = q.variance.sum(-1)
-    return 0.5 * (q.loc.pow(2).sum(-1) + trace - d - q.log_det_covariance)
+    return _KLAR1StandardNormal.apply(q.loc, q.rho, q.scale)
+
+
+@register_kl(AR1Normal, StandardNormal)
+def _kl_ar1_standard(q: AR1Normal, p: StandardNormal) -> Tensor:
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"KL between event shapes {tuple(q.event_shape)} and {tuple(p.event_shape)}")
+    return kl_ar1_standard_normal(q)
 
 
 def _kl_ar1_diagonal(q: AR1Normal, loc: Tensor, std: Tensor) -> Tensor:
