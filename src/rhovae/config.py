@@ -1,0 +1,123 @@
+"""The run configuration: one typed dataclass, read from and written to TOML.
+
+A run folder holds ``config.toml``, the resolved configuration it was trained with; the CLI reads a
+``--config FILE.toml`` and lets flags override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from rhovae.errors import RhovaeError
+from rhovae.model import ModelConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["RESUMABLE_FIELDS", "RunConfig", "load_config", "to_toml"]
+
+
+@dataclass
+class RunConfig(ModelConfig):
+    """Everything that determines a training run (model fields come from :class:`ModelConfig`)."""
+
+    dataset: str = "fashion-mnist"
+    data_dir: str = ""  # empty: the dataset's default sources
+    pixels: str = "continuous"
+    val_size: int = 5000
+    limit: int = 0  # > 0: keep only this many images per split (smoke tests)
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_patience: int = 2
+    lr_factor: float = 0.5
+    early_stopping: int = 0  # > 0: stop after this many epochs without validation improvement
+    beta: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+    pictures: bool = True
+
+    def validate(self) -> RunConfig:
+        positive = ["latent_dim", "hidden", "epochs", "batch_size", "val_size"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise RhovaeError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("limit", "early_stopping", "lr_patience"):
+            if getattr(self, name) < 0:
+                raise RhovaeError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise RhovaeError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr_factor < 1:
+            raise RhovaeError(f"lr-factor must be in (0, 1), got {self.lr_factor}")
+        if not self.beta >= 0:
+            raise RhovaeError(f"beta must be >= 0, got {self.beta}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields a resumed run may change without becoming a different run.
+RESUMABLE_FIELDS = frozenset({"epochs", "device", "pictures", "early_stopping"})
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise RhovaeError(f"config key {name!r} must be a {kind.__name__}, got {value!r}")
+
+
+def from_dict(values: dict[str, Any], base: RunConfig | None = None, where: str = "config") -> RunConfig:
+    """A :class:`RunConfig` from ``values`` over ``base``; unknown keys and wrong types are errors."""
+    base = base or RunConfig()
+    known = {f.name: f for f in fields(RunConfig)}
+    out = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise RhovaeError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        out[name] = _coerce(key, value, getattr(RunConfig(), name))
+    return dataclasses.replace(base, **out)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        values = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RhovaeError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RhovaeError(f"{path}: not valid TOML ({e})") from None
+    return from_dict(values, where=str(path))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def to_toml(cfg: RunConfig) -> str:
+    lines = ["# rhovae run configuration (resolved)"]
+    lines += [f"{k} = {_toml_value(v)}" for k, v in cfg.to_dict().items()]
+    return "\n".join(lines) + "\n"

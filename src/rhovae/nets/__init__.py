@@ -1,0 +1,7 @@
+"""Encoder/decoder backbones. An encoder maps ``(B, C, H, W)`` to features ``(B, F)``
+(``out_features`` says F); a decoder maps ``(B, d)`` to the likelihood's parameters ``(B, C, H, W)``.
+"""
+
+from rhovae.nets.mlp import MLPDecoder, MLPEncoder
+
+__all__ = ["MLPDecoder", "MLPEncoder"]
