@@ -2,3 +2,35 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+import numpy as np
+import pytest
+
+from rhovae.data import write_idx
+
+
+def make_images(n: int, size: int, seed: int) -> np.ndarray:
+    """Structured uint8 images: a bright rectangle at a random place on a dark background."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, size, size), dtype=np.uint8)
+    for i in range(n):
+        h, w = rng.integers(2, size // 2 + 1, size=2)
+        top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+        images[i, top : top + h, left : left + w] = rng.integers(150, 256)
+    return images
+
+
+def write_idx_dataset(directory, n_train=400, n_test=100, size=12, gz=False):
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    write_idx(directory / f"train-images-idx3-ubyte{suffix}", make_images(n_train, size, 0))
+    write_idx(directory / f"train-labels-idx1-ubyte{suffix}", np.arange(n_train, dtype=np.uint8) % 10)
+    write_idx(directory / f"t10k-images-idx3-ubyte{suffix}", make_images(n_test, size, 1))
+    write_idx(directory / f"t10k-labels-idx1-ubyte{suffix}", np.arange(n_test, dtype=np.uint8) % 10)
+    return directory
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    """A small MNIST-like IDX dataset (400 train / 100 test images of 12x12)."""
+    return write_idx_dataset(tmp_path / "idx")

@@ -56,11 +56,13 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         default = getattr(defaults, f.name)
         help_text = f"{FLAG_HELP[f.name]} (default: {default!r})"
         if isinstance(default, bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                               help=help_text)
+            group.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
-            group.add_argument(flag, dest=f.name, type=type(default), default=None, help=help_text,
-                               metavar=f.name.upper())
+            group.add_argument(
+                flag, dest=f.name, type=type(default), default=None, help=help_text, metavar=f.name.upper()
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,46 +72,67 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a VAE into a run folder",
-                       description="Train a VAE; writes config.toml, metrics.csv, last.pt, best.pt and pictures.")
+    p = sub.add_parser(
+        "train",
+        help="train a VAE into a run folder",
+        description="Train a VAE; writes config.toml, metrics.csv, last.pt, best.pt and pictures.",
+    )
     p.add_argument("--config", type=Path, help="TOML file with run settings; flags override it")
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/DATASET-MODEL-POSTERIOR-dD-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(p)
 
-    p = sub.add_parser("evaluate", help="test ELBO, IWAE NLL, active units and posterior statistics",
-                       description="Evaluate a run on its test split; prints and writes evaluation.json.")
+    p = sub.add_parser(
+        "evaluate",
+        help="test ELBO, IWAE NLL, active units and posterior statistics",
+        description="Evaluate a run on its test split; prints and writes evaluation.json.",
+    )
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--iwae-k", type=int, default=1000, help="importance samples per image (default: 1000)")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
+    p.add_argument(
+        "--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)"
+    )
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N test images (0: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo estimates (default: 0)")
 
-    p = sub.add_parser("sample", help="write a PNG grid of samples from the prior",
-                       description="Decode z ~ p(z) and write the means as a PNG grid.")
+    p = sub.add_parser(
+        "sample",
+        help="write a PNG grid of samples from the prior",
+        description="Decode z ~ p(z) and write the means as a PNG grid.",
+    )
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("-n", type=int, default=64, help="number of samples (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
     p.add_argument("--out", type=Path, help="output PNG (default: RUN/samples.png)")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
+    p.add_argument(
+        "--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)"
+    )
     p.add_argument("--device", default="auto", help="device (default: auto)")
 
-    p = sub.add_parser("reconstruct", help="write test images beside their reconstructions",
-                       description="Encode test images, decode the posterior means, write pairs as a PNG grid.")
+    p = sub.add_parser(
+        "reconstruct",
+        help="write test images beside their reconstructions",
+        description="Encode test images, decode the posterior means, write pairs as a PNG grid.",
+    )
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("-n", type=int, default=32, help="number of test images (default: 32)")
     p.add_argument("--out", type=Path, help="output PNG (default: RUN/reconstructions.png)")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)")
+    p.add_argument(
+        "--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)"
+    )
     p.add_argument("--device", default="auto", help="device (default: auto)")
     return parser
 
 
 def _resolve_config(args: argparse.Namespace) -> RunConfig:
     cfg = load_config(args.config) if args.config else RunConfig()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig)
-                 if getattr(args, f.name) is not None}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(RunConfig)
+        if getattr(args, f.name) is not None
+    }
     return from_dict(overrides, base=cfg, where="command line").validate()
 
 
@@ -123,8 +146,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
     if result.history:
         last = result.history[-1]
-        print(f"{run_dir}: epoch {last['epoch']}: test loss {last['test_loss']:.3f} nats/sample "
-              f"(best validation {result.best_val_loss:.3f} at epoch {result.best_epoch})")
+        print(
+            f"{run_dir}: epoch {last['epoch']}: test loss {last['test_loss']:.3f} nats/sample "
+            f"(best validation {result.best_val_loss:.3f} at epoch {result.best_epoch})"
+        )
     return 0
 
 
@@ -150,9 +175,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         terms = elbo_terms(model, x)
         result = {
-            "run": str(args.run), "checkpoint": args.checkpoint, "epoch": ckpt["epoch"],
-            "dataset": cfg.dataset, "posterior": cfg.posterior, "test_images": len(x),
-            "test_neg_elbo": terms["recon"] + terms["kl"], "test_recon": terms["recon"], "test_kl": terms["kl"],
+            "run": str(args.run),
+            "checkpoint": args.checkpoint,
+            "epoch": ckpt["epoch"],
+            "dataset": cfg.dataset,
+            "posterior": cfg.posterior,
+            "test_images": len(x),
+            "test_neg_elbo": terms["recon"] + terms["kl"],
+            "test_recon": terms["recon"],
+            "test_kl": terms["kl"],
             **iwae_nll(model, x, args.iwae_k),
             **active_units(model, x),
             "posterior_statistics": posterior_statistics(model, x),
@@ -160,17 +191,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         }
     out = args.run / "evaluation.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{args.run} ({cfg.posterior}, {cfg.dataset}, {len(x)} test images, {args.checkpoint}.pt epoch "
-          f"{ckpt['epoch']})")
-    print(f"  test negative ELBO  {result['test_neg_elbo']:.3f} nats/sample "
-          f"(reconstruction {result['test_recon']:.3f} + KL {result['test_kl']:.3f})")
+    print(
+        f"{args.run} ({cfg.posterior}, {cfg.dataset}, {len(x)} test images, {args.checkpoint}.pt epoch "
+        f"{ckpt['epoch']})"
+    )
+    print(
+        f"  test negative ELBO  {result['test_neg_elbo']:.3f} nats/sample "
+        f"(reconstruction {result['test_recon']:.3f} + KL {result['test_kl']:.3f})"
+    )
     print(f"  IWAE NLL (k={args.iwae_k})  {result['iwae_nll']:.3f} ± {result['iwae_nll_se']:.3f}")
     print(f"  active units        {result['active_units']} of {cfg.latent_dim}")
     stats = result["posterior_statistics"]
     if stats:
         r, s = stats["rho"], stats["s"]
-        print(f"  rho  median {r['q50']:.3f}  [1%, 99%] = [{r['q01']:.3f}, {r['q99']:.3f}]  mean |rho| "
-              f"{stats['mean_abs_rho']:.3f}")
+        print(
+            f"  rho  median {r['q50']:.3f}  [1%, 99%] = [{r['q01']:.3f}, {r['q99']:.3f}]  mean |rho| "
+            f"{stats['mean_abs_rho']:.3f}"
+        )
         print(f"  s    median {s['q50']:.4g}  [1%, 99%] = [{s['q01']:.4g}, {s['q99']:.4g}]")
     print(f"  written to {out}")
     return 0
@@ -206,21 +243,29 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample, "reconstruct": cmd_reconstruct}
+COMMANDS = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "sample": cmd_sample,
+    "reconstruct": cmd_reconstruct,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
     try:
         return COMMANDS[args.command](args)
     except RhovaeError as e:
         print(f"rhovae: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("rhovae: interrupted; the last finished epoch is in last.pt (continue with --resume)",
-              file=sys.stderr)
+        print(
+            "rhovae: interrupted; the last finished epoch is in last.pt (continue with --resume)",
+            file=sys.stderr,
+        )
         return 130
 
 

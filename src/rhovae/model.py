@@ -59,8 +59,9 @@ class VAE(nn.Module):
         prior: a module whose ``forward()`` returns ``p(z)``.
     """
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, decoder: nn.Module, likelihood: nn.Module,
-                 prior: nn.Module) -> None:
+    def __init__(
+        self, encoder: nn.Module, head: nn.Module, decoder: nn.Module, likelihood: nn.Module, prior: nn.Module
+    ) -> None:
         super().__init__()
         self.encoder, self.head, self.decoder = encoder, head, decoder
         self.likelihood, self.prior = likelihood, prior

@@ -26,7 +26,7 @@ class StandardNormalPrior(nn.Module):
 
 
 class AR1Prior(nn.Module):
-    """A learned zero-mean AR(1) prior ``N(0, s T(rho))`` (starts at N(0, I)); KL to AR(1) posteriors is O(d)."""
+    """A learned zero-mean AR(1) prior ``N(0, s T(rho))``, starting at N(0, I); O(d) KL to AR(1) posteriors."""
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
@@ -36,7 +36,9 @@ class AR1Prior(nn.Module):
 
     def forward(self) -> Distribution:
         loc = torch.zeros(self.latent_dim, dtype=self.log_var.dtype, device=self.log_var.device)
-        return AR1Normal(loc, RHO_BOUND * torch.tanh(self.rho_pre), torch.exp(0.5 * self.log_var), validate_args=False)
+        return AR1Normal(
+            loc, RHO_BOUND * torch.tanh(self.rho_pre), torch.exp(0.5 * self.log_var), validate_args=False
+        )
 
 
 PRIORS = {"standard": StandardNormalPrior, "ar1": AR1Prior}

@@ -34,8 +34,20 @@ __all__ = ["TrainingDiverged", "TrainResult", "load_run", "pick_device", "save_a
 
 CHECKPOINT_FORMAT = 1
 METRIC_FIELDS = [
-    "epoch", "train_loss", "train_recon", "train_kl", "val_loss", "val_recon", "val_kl",
-    "test_loss", "test_recon", "test_kl", "mean_abs_rho", "lr", "epoch_seconds", "samples_per_second",
+    "epoch",
+    "train_loss",
+    "train_recon",
+    "train_kl",
+    "val_loss",
+    "val_recon",
+    "val_kl",
+    "test_loss",
+    "test_recon",
+    "test_kl",
+    "mean_abs_rho",
+    "lr",
+    "epoch_seconds",
+    "samples_per_second",
 ]
 
 
@@ -65,7 +77,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def versions() -> dict[str, str]:
-    return {"rhovae": rhovae.__version__, "torch": str(torch.__version__), "python": platform.python_version()}
+    return {
+        "rhovae": rhovae.__version__,
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+    }
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -127,9 +143,13 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> dict[str, Any
     config_file = run_dir / "config.toml"
     if not config_file.exists():
         if resume:
-            raise RhovaeError(f"{run_dir}: nothing to resume (no config.toml); drop --resume to start a new run")
+            raise RhovaeError(
+                f"{run_dir}: nothing to resume (no config.toml); drop --resume to start a new run"
+            )
         if run_dir.exists() and any(run_dir.iterdir()):
-            raise RhovaeError(f"{run_dir}: folder is not empty and holds no rhovae run; choose another --run-dir")
+            raise RhovaeError(
+                f"{run_dir}: folder is not empty and holds no rhovae run; choose another --run-dir"
+            )
         return None
     from rhovae.config import load_config
 
@@ -141,7 +161,9 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> dict[str, Any
         details = ", ".join(f"{k}: {saved.to_dict()[k]!r} -> {cfg.to_dict()[k]!r}" for k in differ)
         raise RhovaeError(f"{run_dir} holds a different run ({details}); choose another --run-dir")
     if not resume:
-        raise RhovaeError(f"{run_dir} already holds this run; pass --resume to continue it, or another --run-dir")
+        raise RhovaeError(
+            f"{run_dir} already holds this run; pass --resume to continue it, or another --run-dir"
+        )
     if not (run_dir / "last.pt").exists():
         return None
     return load_checkpoint(run_dir / "last.pt")
@@ -154,7 +176,9 @@ def _rng_state(shuffle: torch.Generator, pixels: torch.Generator, device: torch.
     return state
 
 
-def _set_rng_state(state: dict, shuffle: torch.Generator, pixels: torch.Generator, device: torch.device) -> None:
+def _set_rng_state(
+    state: dict, shuffle: torch.Generator, pixels: torch.Generator, device: torch.device
+) -> None:
     torch.set_rng_state(state["torch"])
     shuffle.set_state(state["shuffle"])
     pixels.set_state(state["pixels"])
@@ -170,14 +194,19 @@ def _diverged(epoch: int, step: int, out, run_dir: Path, last_epoch: int) -> Tra
         term = f"the KL term is {float(kl[~torch.isfinite(kl)][0])}"
     else:
         term = "the loss is not finite"
-    kept = f"last good checkpoint {run_dir / 'last.pt'} (epoch {last_epoch})" if last_epoch else "no epoch finished"
+    kept = (
+        f"last good checkpoint {run_dir / 'last.pt'} (epoch {last_epoch})"
+        if last_epoch
+        else "no epoch finished"
+    )
     return TrainingDiverged(
         f"training diverged at epoch {epoch}, step {step}: {term}; {kept}; try a lower --lr"
     )
 
 
-def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-          data: Data | None = None) -> TrainResult:
+def train(
+    cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool = True, data: Data | None = None
+) -> TrainResult:
     """Train ``cfg`` into ``run_dir``; with ``resume``, continue from ``last.pt`` exactly."""
     cfg.validate()
     run_dir = Path(run_dir)
@@ -185,9 +214,18 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
     device = pick_device(cfg.device)
     main = is_main_process()
     if data is None:
-        data = load_data(cfg.dataset, cfg.data_dir or None, cfg.pixels, cfg.val_size, device, cfg.limit or None)
-    log.info("data: %s (%s), train %d / val %d / test %d, pixels %s", data.name, data.source,
-             len(data.train), len(data.val), len(data.test), data.pixels)
+        data = load_data(
+            cfg.dataset, cfg.data_dir or None, cfg.pixels, cfg.val_size, device, cfg.limit or None
+        )
+    log.info(
+        "data: %s (%s), train %d / val %d / test %d, pixels %s",
+        data.name,
+        data.source,
+        len(data.train),
+        len(data.val),
+        len(data.test),
+        data.pixels,
+    )
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(run_dir / "config.toml", to_toml(cfg))
@@ -218,8 +256,18 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
             if cfg.early_stopping and stale >= cfg.early_stopping:
                 stopped_early = True
                 break
-            row = _train_epoch(model, optimizer, data, cfg, epoch, shuffle_gen, pixel_gen, progress, run_dir,
-                               history[-1]["epoch"] if history else 0)
+            row = _train_epoch(
+                model,
+                optimizer,
+                data,
+                cfg,
+                epoch,
+                shuffle_gen,
+                pixel_gen,
+                progress,
+                run_dir,
+                history[-1]["epoch"] if history else 0,
+            )
             for split in ("val", "test"):
                 terms = elbo_terms(model, getattr(data, split), beta=cfg.beta)
                 row.update({f"{split}_{k}": v for k, v in terms.items() if k in ("loss", "recon", "kl")})
@@ -232,21 +280,50 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: b
                 stale += 1
             history.append(row)
             if main:
-                _save_epoch(run_dir, model, optimizer, scheduler, cfg, data, epoch, history, best_val, best_epoch,
-                            stale, improved, _rng_state(shuffle_gen, pixel_gen, device))
+                _save_epoch(
+                    run_dir,
+                    model,
+                    optimizer,
+                    scheduler,
+                    cfg,
+                    data,
+                    epoch,
+                    history,
+                    best_val,
+                    best_epoch,
+                    stale,
+                    improved,
+                    _rng_state(shuffle_gen, pixel_gen, device),
+                )
                 if writer is not None:
                     for key, value in row.items():
                         if key != "epoch":
                             writer.add_scalar(key, value, epoch)
-            log.info("epoch %d: train %.3f val %.3f test %.3f (%.1fs)", epoch, row["train_loss"],
-                     row["val_loss"], row["test_loss"], row["epoch_seconds"])
+            log.info(
+                "epoch %d: train %.3f val %.3f test %.3f (%.1fs)",
+                epoch,
+                row["train_loss"],
+                row["val_loss"],
+                row["test_loss"],
+                row["epoch_seconds"],
+            )
         if writer is not None:
             writer.close()
     return TrainResult(run_dir, history, best_epoch, best_val, stopped_early)
 
 
-def _train_epoch(model: VAE, optimizer, data: Data, cfg: RunConfig, epoch: int, shuffle_gen, pixel_gen,
-                 progress: bool, run_dir: Path, last_epoch: int) -> dict[str, float]:
+def _train_epoch(
+    model: VAE,
+    optimizer,
+    data: Data,
+    cfg: RunConfig,
+    epoch: int,
+    shuffle_gen,
+    pixel_gen,
+    progress: bool,
+    run_dir: Path,
+    last_epoch: int,
+) -> dict[str, float]:
     model.train()
     x_train = data.train_epoch(pixel_gen)
     n_batches = math.ceil(len(x_train) / cfg.batch_size)
@@ -268,10 +345,14 @@ def _train_epoch(model: VAE, optimizer, data: Data, cfg: RunConfig, epoch: int, 
         with torch.no_grad():
             rho = getattr(out.q, "rho", None)  # AR(1) posteriors report their correlation
             has_rho = rho is not None
-            sums += torch.stack([
-                out.loss.sum(), out.recon.sum(), out.kl.sum(),
-                rho.abs().sum() if rho is not None else out.loss.new_zeros(()),
-            ]).double()
+            sums += torch.stack(
+                [
+                    out.loss.sum(),
+                    out.recon.sum(),
+                    out.kl.sum(),
+                    rho.abs().sum() if rho is not None else out.loss.new_zeros(()),
+                ]
+            ).double()
         if bar is not None:
             bar.update(1)
             if step % 20 == 0 or step == n_batches:
@@ -283,8 +364,14 @@ def _train_epoch(model: VAE, optimizer, data: Data, cfg: RunConfig, epoch: int, 
         bar.close()
     n = len(x_train)
     s = (sums / n).tolist()
-    row = {"epoch": epoch, "train_loss": s[0], "train_recon": s[1], "train_kl": s[2],
-           "epoch_seconds": seconds, "samples_per_second": n / seconds}
+    row = {
+        "epoch": epoch,
+        "train_loss": s[0],
+        "train_recon": s[1],
+        "train_kl": s[2],
+        "epoch_seconds": seconds,
+        "samples_per_second": n / seconds,
+    }
     row["mean_abs_rho"] = s[3] if has_rho else float("nan")
     return row
 
@@ -308,17 +395,45 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _save_epoch(run_dir: Path, model: VAE, optimizer, scheduler, cfg: RunConfig, data: Data, epoch: int,
-                history: list[dict], best_val: float, best_epoch: int, stale: int, improved: bool,
-                rng: dict) -> None:
-    common = {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "versions": versions(),
-              "image_shape": list(data.image_shape), "epoch": epoch}
+def _save_epoch(
+    run_dir: Path,
+    model: VAE,
+    optimizer,
+    scheduler,
+    cfg: RunConfig,
+    data: Data,
+    epoch: int,
+    history: list[dict],
+    best_val: float,
+    best_epoch: int,
+    stale: int,
+    improved: bool,
+    rng: dict,
+) -> None:
+    common = {
+        "format": CHECKPOINT_FORMAT,
+        "config": cfg.to_dict(),
+        "versions": versions(),
+        "image_shape": list(data.image_shape),
+        "epoch": epoch,
+    }
     model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if improved:
         save_atomic({**common, "model": model_state, "val_loss": best_val}, run_dir / "best.pt")
-    save_atomic({**common, "model": model_state, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": rng, "history": history, "best_val": best_val,
-                 "best_epoch": best_epoch, "stale": stale}, run_dir / "last.pt")
+    save_atomic(
+        {
+            **common,
+            "model": model_state,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng,
+            "history": history,
+            "best_val": best_val,
+            "best_epoch": best_epoch,
+            "stale": stale,
+        },
+        run_dir / "last.pt",
+    )
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
     w.writeheader()
@@ -333,5 +448,8 @@ def _save_epoch(run_dir: Path, model: VAE, optimizer, scheduler, cfg: RunConfig,
         x = data.test[:32]
         pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
         save_image_grid(pairs, run_dir / "reconstructions.png", nrow=16)
-        save_loss_curves(history, run_dir / "loss_curves.png",
-                         title=f"{cfg.model} / {cfg.posterior} on {cfg.dataset}, d={cfg.latent_dim}")
+        save_loss_curves(
+            history,
+            run_dir / "loss_curves.png",
+            title=f"{cfg.model} / {cfg.posterior} on {cfg.dataset}, d={cfg.latent_dim}",
+        )
