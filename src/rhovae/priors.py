@@ -26,7 +26,7 @@ class StandardNormalPrior(nn.Module):
 
 
 class AR1Prior(nn.Module):
-    """A learned zero-mean AR(1) prior ``N(0, s T(rho))``, starting at N(0, I); O(d) KL to AR(1) posteriors."""
+    """A learned zero-mean AR(1) prior ``N(0, s T(rho))``, starting at N(0, I); O(d) KL to AR(1) q."""
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
