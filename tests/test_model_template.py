@@ -1,0 +1,63 @@
+"""One template for every (model x posterior) pair: shapes, finite loss, gradients everywhere, an overfit."""
+
+import pytest
+import torch
+from conftest import make_images
+
+from rhovae.errors import RhovaeError
+from rhovae.model import MODELS, ModelConfig, build_model
+from rhovae.posteriors import HEADS
+
+PAIRS = [(m, p) for m in sorted(MODELS) for p in sorted(HEADS)]
+
+
+@pytest.mark.parametrize("model, posterior", PAIRS)
+@pytest.mark.parametrize("shape", [(1, 12, 12), (3, 32, 32)])
+def test_shapes_loss_and_gradients(model, posterior, shape):
+    torch.manual_seed(0)
+    vae = build_model(ModelConfig(model=model, posterior=posterior, latent_dim=4, hidden=32), shape)
+    x = torch.rand(5, *shape)
+    out = vae(x)
+    assert out.loss.shape == (5,) and out.z.shape == (5, 4) and torch.isfinite(out.loss).all()
+    assert vae.decoder(out.z).shape == (5, *shape)
+    assert vae.reconstruct(x).shape == (5, *shape) and vae.sample_images(3, seed=0).shape == (3, *shape)
+    out.loss.mean().backward()
+    for name, p in vae.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        assert vae.iwae_bound(x, 7).shape == (5,)
+
+
+@pytest.mark.parametrize("model, posterior", PAIRS)
+def test_overfit_256_images_lowers_loss_by_a_third(model, posterior):
+    torch.manual_seed(0)
+    vae = build_model(ModelConfig(model=model, posterior=posterior, latent_dim=4, hidden=64), (1, 12, 12))
+    x = torch.from_numpy(make_images(256, 12, 3)).float().div(255).unsqueeze(1)
+    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    with torch.no_grad():
+        start = float(vae(x).loss.mean())
+    for _ in range(80):
+        loss = vae(x).loss.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        end = float(vae(x).loss.mean())
+    assert end < start * 2 / 3, (start, end)
+
+
+def test_cnn_parameter_counts_differ_only_in_the_head():
+    counts = {
+        p: sum(
+            t.numel() for t in build_model(ModelConfig(model="cnn", posterior=p), (1, 28, 28)).parameters()
+        )
+        for p in ("diagonal", "ar1")
+    }
+    # heads on 400 features: diagonal 2d outputs, AR(1) d + 2 (d = 10)
+    assert counts["diagonal"] - counts["ar1"] == 401 * (20 - 12)
+
+
+def test_cnn_rejects_tiny_images():
+    with pytest.raises(RhovaeError, match="at least 4x4"):
+        build_model(ModelConfig(model="cnn"), (1, 3, 3))
