@@ -34,3 +34,20 @@ def write_idx_dataset(directory, n_train=400, n_test=100, size=12, gz=False):
 def idx_dir(tmp_path):
     """A small MNIST-like IDX dataset (400 train / 100 test images of 12x12)."""
     return write_idx_dataset(tmp_path / "idx")
+
+
+def overfit(model, x, steps: int, lr: float):
+    """Full-batch Adam on ``x``: the mean loss before and after ``steps`` updates."""
+    import torch
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    with torch.no_grad():
+        start = float(model(x).loss.mean())
+    for _ in range(steps):
+        loss = model(x).loss.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        end = float(model(x).loss.mean())
+    return start, end

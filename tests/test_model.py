@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_images
+from conftest import make_images, overfit
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from rhovae.errors import RhovaeError
@@ -56,29 +56,15 @@ def test_overfit_512_images_lowers_the_loss(posterior):
     torch.manual_seed(0)
     model = build_model(ModelConfig(posterior=posterior, latent_dim=4, hidden=64), SHAPE)
     x = images(512)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    with torch.no_grad():
-        start = float(model(x).loss.mean())
-    for _ in range(150):
-        loss = model(x).loss.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        end = float(model(x).loss.mean())
+    start, end = overfit(model, x, steps=150, lr=3e-3)
     assert end < 0.5 * start, (start, end)
 
 
 def test_iwae_bound_is_above_elbo_and_grows_with_k():
     torch.manual_seed(0)
     model = build_model(ModelConfig(posterior="ar1", latent_dim=4, hidden=32), SHAPE)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     x = images(256)
-    for _ in range(60):
-        loss = model(x).loss.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    overfit(model, x, steps=60, lr=3e-3)
     model.eval()
     with torch.no_grad():
         elbo = torch.stack([model.elbo(x) for _ in range(20)]).mean()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_images
+from conftest import make_images, overfit
 
 from rhovae.errors import RhovaeError
 from rhovae.model import MODELS, ModelConfig, build_model
@@ -34,16 +34,7 @@ def test_overfit_256_images_lowers_loss_by_a_third(model, posterior):
     torch.manual_seed(0)
     vae = build_model(ModelConfig(model=model, posterior=posterior, latent_dim=4, hidden=64), (1, 12, 12))
     x = torch.from_numpy(make_images(256, 12, 3)).float().div(255).unsqueeze(1)
-    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
-    with torch.no_grad():
-        start = float(vae(x).loss.mean())
-    for _ in range(80):
-        loss = vae(x).loss.mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        end = float(vae(x).loss.mean())
+    start, end = overfit(vae, x, steps=80, lr=2e-3)
     assert end < start * 2 / 3, (start, end)
 
 

@@ -65,6 +65,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """What every command that reads a finished run takes."""
+    parser.add_argument("run", type=Path, help="run folder")
+    parser.add_argument(
+        "--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rhovae", description="Variational autoencoders with structured posteriors (the exact rho-VAE)."
@@ -88,13 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="test ELBO, IWAE NLL, active units and posterior statistics",
         description="Evaluate a run on its test split; prints and writes evaluation.json.",
     )
-    p.add_argument("run", type=Path, help="run folder")
+    _add_run_flags(p)
     p.add_argument("--iwae-k", type=int, default=1000, help="importance samples per image (default: 1000)")
-    p.add_argument(
-        "--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)"
-    )
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N test images (0: all)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo estimates (default: 0)")
 
     p = sub.add_parser(
@@ -102,27 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a PNG grid of samples from the prior",
         description="Decode z ~ p(z) and write the means as a PNG grid.",
     )
-    p.add_argument("run", type=Path, help="run folder")
+    _add_run_flags(p)
     p.add_argument("-n", type=int, default=64, help="number of samples (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
     p.add_argument("--out", type=Path, help="output PNG (default: RUN/samples.png)")
-    p.add_argument(
-        "--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)"
-    )
-    p.add_argument("--device", default="auto", help="device (default: auto)")
 
     p = sub.add_parser(
         "reconstruct",
         help="write test images beside their reconstructions",
         description="Encode test images, decode the posterior means, write pairs as a PNG grid.",
     )
-    p.add_argument("run", type=Path, help="run folder")
+    _add_run_flags(p)
     p.add_argument("-n", type=int, default=32, help="number of test images (default: 32)")
     p.add_argument("--out", type=Path, help="output PNG (default: RUN/reconstructions.png)")
-    p.add_argument(
-        "--checkpoint", choices=["best", "last"], default="best", help="which checkpoint (default: best)"
-    )
-    p.add_argument("--device", default="auto", help="device (default: auto)")
     return parser
 
 
