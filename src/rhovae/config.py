@@ -38,7 +38,11 @@ class RunConfig(ModelConfig):
     lr_patience: int = 2
     lr_factor: float = 0.5
     early_stopping: int = 0  # > 0: stop after this many epochs without validation improvement
-    beta: float = 1.0
+    beta: float = -1.0  # -1: the model's default (1; 4 for betavae)
+    objective: str = ""  # empty: the model's default (elbo; infovae for infovae)
+    info_alpha: float = 0.0
+    info_lambda: float = 1000.0
+    mmd_kernel: str = "imq"
     seed: int = 0
     device: str = "auto"
     pictures: bool = True
@@ -55,12 +59,19 @@ class RunConfig(ModelConfig):
             raise RhovaeError(f"lr must be positive, got {self.lr}")
         if not 0 < self.lr_factor < 1:
             raise RhovaeError(f"lr-factor must be in (0, 1), got {self.lr_factor}")
+        from rhovae.model import MODELS
+
+        if self.model in MODELS:  # resolve the model's defaults, so config.toml records what ran
+            if self.beta == -1.0:
+                self.beta = MODELS[self.model].beta
+            if not self.objective:
+                self.objective = MODELS[self.model].objective
         if not self.beta >= 0:
-            raise RhovaeError(f"beta must be >= 0, got {self.beta}")
+            raise RhovaeError(f"beta must be >= 0 (or -1 for the model's default), got {self.beta}")
         # Names are checked before any data is read, so a typo fails in a second, not after loading.
         from rhovae.data import DATASETS, PIXEL_MODES
         from rhovae.likelihoods import LIKELIHOODS
-        from rhovae.model import MODELS
+        from rhovae.objectives import KERNELS, OBJECTIVES
         from rhovae.posteriors import HEADS
         from rhovae.priors import PRIORS
 
@@ -71,6 +82,8 @@ class RunConfig(ModelConfig):
             ("likelihood", self.likelihood, LIKELIHOODS),
             ("dataset", self.dataset, DATASETS),
             ("pixel mode", self.pixels, PIXEL_MODES),
+            ("objective", self.objective, OBJECTIVES),
+            ("MMD kernel", self.mmd_kernel, KERNELS),
         ):
             if value not in known:
                 raise RhovaeError(f"unknown {what} {value!r}; choose one of: {', '.join(sorted(known))}")

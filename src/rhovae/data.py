@@ -267,12 +267,14 @@ def load_data(
     val_size: int = 5000,
     device: torch.device | str = "cpu",
     limit: int | None = None,
+    size: tuple[int, int] | None = None,
 ) -> Data:
     """Load dataset ``name`` and hold train/validation/test on ``device``.
 
     The validation split is the last ``val_size`` images of a fixed permutation (seed 0) of the
     training set, the same for every run. ``limit`` keeps only the first images of each split
-    (for smoke tests). The test split is never used for selection.
+    (for smoke tests). ``size`` resizes every image to (H, W), bilinearly, on the device, once,
+    before any binarisation. The test split is never used for selection.
     """
     if name not in DATASETS:
         raise RhovaeError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(DATASETS))}")
@@ -292,7 +294,11 @@ def load_data(
         test_images, test_labels = test_images[:limit], test_labels[:limit]
 
     def to_device(images: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div_(255.0)
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div_(255.0)
+        if size is not None and tuple(x.shape[-2:]) != tuple(size):
+            x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+            x = x.clamp_(0.0, 1.0)
+        return x
 
     train, val, test = (
         to_device(raw.train_images[train_idx]),

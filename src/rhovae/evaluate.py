@@ -30,15 +30,22 @@ def _eval_mode(model: VAE):
 
 
 @torch.no_grad()
-def elbo_terms(model: VAE, x: Tensor, batch_size: int = 1000, beta: float = 1.0) -> dict[str, float]:
-    """Mean loss, reconstruction, KL over ``x`` (one z per image) and mean |rho| where q has a rho."""
+def elbo_terms(model: VAE, x: Tensor, batch_size: int = 1000, objective=None) -> dict[str, float]:
+    """Mean objective (default: the ELBO's ``recon + KL``), reconstruction and KL over ``x`` (one z per
+    image), the objective's extra terms (e.g. ``mmd``), and mean |rho| where q has a rho."""
+    from rhovae.objectives import Objective
+
+    objective = objective or Objective()
     sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
     rho_abs, n = 0.0, 0
     has_rho = False
     with _eval_mode(model):
         for xb in batches(x, batch_size):
-            out = model(xb, beta=beta)
-            sums["loss"] += float(out.loss.sum())
+            out = model(xb)
+            loss, extras = objective(out, model)
+            sums["loss"] += float(loss) * len(xb)
+            for key, value in extras.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * len(xb)
             sums["recon"] += float(out.recon.sum())
             sums["kl"] += float(out.kl.sum())
             rho = getattr(out.q, "rho", None)  # AR(1) posteriors report their correlation

@@ -17,11 +17,20 @@ from torch.distributions import Distribution, kl_divergence
 
 from rhovae.errors import RhovaeError
 from rhovae.likelihoods import make_likelihood
-from rhovae.nets import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from rhovae.nets import (
+    BurgessDecoder,
+    BurgessEncoder,
+    ConvDecoder,
+    ConvEncoder,
+    DCGANDecoder,
+    DCGANEncoder,
+    MLPDecoder,
+    MLPEncoder,
+)
 from rhovae.posteriors import make_head
 from rhovae.priors import make_prior
 
-__all__ = ["MODELS", "VAE", "ModelConfig", "VAEOutput", "build_model", "kl_term"]
+__all__ = ["MODELS", "VAE", "Backbone", "ModelConfig", "VAEOutput", "build_model", "kl_term"]
 
 
 @dataclass
@@ -145,18 +154,42 @@ class ModelConfig:
     hidden: int = 400
 
 
+@dataclass(frozen=True)
+class Backbone:
+    """A registered encoder/decoder pair and what it expects of the run.
+
+    ``input_size``: images are resized to (H, W) once, on the device, when loaded (None: as they come).
+    ``beta`` and ``objective``: the defaults a run of this model gets unless it sets its own.
+    """
+
+    build: Callable[[ModelConfig, tuple[int, int, int]], tuple[nn.Module, nn.Module]]
+    input_size: tuple[int, int] | None = None
+    beta: float = 1.0
+    objective: str = "elbo"
+
+
 def _mlp(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
     return MLPEncoder(image_shape, cfg.hidden), MLPDecoder(cfg.latent_dim, image_shape, cfg.hidden)
-
-
-BackboneFactory = Callable[[ModelConfig, tuple[int, int, int]], tuple[nn.Module, nn.Module]]
 
 
 def _cnn(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
     return ConvEncoder(image_shape, cfg.hidden), ConvDecoder(cfg.latent_dim, image_shape)
 
 
-MODELS: dict[str, BackboneFactory] = {"mlp": _mlp, "cnn": _cnn}
+def _betavae(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
+    return BurgessEncoder(image_shape), BurgessDecoder(cfg.latent_dim, image_shape)
+
+
+def _infovae(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
+    return DCGANEncoder(image_shape), DCGANDecoder(cfg.latent_dim, image_shape)
+
+
+MODELS: dict[str, Backbone] = {
+    "mlp": Backbone(_mlp),
+    "cnn": Backbone(_cnn),
+    "betavae": Backbone(_betavae, input_size=(64, 64), beta=4.0),
+    "infovae": Backbone(_infovae, objective="infovae"),
+}
 
 
 def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> VAE:
@@ -166,6 +199,6 @@ def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> VAE:
     for name in ("latent_dim", "hidden"):
         if getattr(cfg, name) < 1:
             raise RhovaeError(f"{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    encoder, decoder = MODELS[cfg.model](cfg, image_shape)
+    encoder, decoder = MODELS[cfg.model].build(cfg, image_shape)
     head = make_head(cfg.posterior, encoder.out_features, cfg.latent_dim)
     return VAE(encoder, head, decoder, make_likelihood(cfg.likelihood), make_prior(cfg.prior, cfg.latent_dim))

@@ -26,7 +26,8 @@ from rhovae.config import RESUMABLE_FIELDS, RunConfig, from_dict, to_toml
 from rhovae.data import Data, batches, load_data
 from rhovae.errors import RhovaeError
 from rhovae.evaluate import elbo_terms
-from rhovae.model import VAE, build_model
+from rhovae.model import MODELS, VAE, build_model
+from rhovae.objectives import Objective, objective_from_config
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ METRIC_FIELDS = [
     "test_loss",
     "test_recon",
     "test_kl",
+    "train_mmd",
+    "val_mmd",
+    "test_mmd",
     "mean_abs_rho",
     "lr",
     "epoch_seconds",
@@ -137,6 +141,14 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), lr=lr)
 
 
+def prepare_data(cfg: RunConfig, device: torch.device) -> Data:
+    """The run's data on ``device``, resized to what its model takes."""
+    size = MODELS[cfg.model].input_size
+    return load_data(
+        cfg.dataset, cfg.data_dir or None, cfg.pixels, cfg.val_size, device, cfg.limit or None, size
+    )
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -194,12 +206,15 @@ def _set_rng_state(
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _diverged(epoch: int, step: int, out, run_dir: Path, last_epoch: int) -> TrainingDiverged:
+def _diverged(epoch: int, step: int, out, extras: dict, run_dir: Path, last_epoch: int) -> TrainingDiverged:
     recon, kl = out.recon.detach(), out.kl.detach()
     if not torch.isfinite(recon).all():
         term = f"the reconstruction term is {float(recon[~torch.isfinite(recon)][0])}"
     elif not torch.isfinite(kl).all():
         term = f"the KL term is {float(kl[~torch.isfinite(kl)][0])}"
+    elif any(not torch.isfinite(v).all() for v in extras.values()):
+        name = next(k for k, v in extras.items() if not torch.isfinite(v).all())
+        term = f"the {name} term is not finite"
     else:
         term = "the loss is not finite"
     kept = (
@@ -222,9 +237,7 @@ def train(
     device = pick_device(cfg.device)
     main = is_main_process()
     if data is None:
-        data = load_data(
-            cfg.dataset, cfg.data_dir or None, cfg.pixels, cfg.val_size, device, cfg.limit or None
-        )
+        data = prepare_data(cfg, device)
     log.info(
         "data: %s (%s), train %d / val %d / test %d, pixels %s",
         data.name,
@@ -259,6 +272,7 @@ def train(
             start_epoch = ckpt["epoch"] + 1
             log.info("resuming %s from epoch %d", run_dir, ckpt["epoch"])
         writer = _tensorboard(run_dir) if main else None
+        objective = objective_from_config(cfg)
         stopped_early = False
         for epoch in range(start_epoch, cfg.epochs + 1):
             if cfg.early_stopping and stale >= cfg.early_stopping:
@@ -267,6 +281,7 @@ def train(
             row = _train_epoch(
                 model,
                 optimizer,
+                objective,
                 data,
                 cfg,
                 epoch,
@@ -277,8 +292,10 @@ def train(
                 history[-1]["epoch"] if history else 0,
             )
             for split in ("val", "test"):
-                terms = elbo_terms(model, getattr(data, split), beta=cfg.beta)
-                row.update({f"{split}_{k}": v for k, v in terms.items() if k in ("loss", "recon", "kl")})
+                terms = elbo_terms(model, getattr(data, split), objective=objective)
+                row.update(
+                    {f"{split}_{k}": v for k, v in terms.items() if k in ("loss", "recon", "kl", "mmd")}
+                )
             row["lr"] = optimizer.param_groups[0]["lr"]
             scheduler.step(row["val_loss"])
             improved = row["val_loss"] < best_val
@@ -323,6 +340,7 @@ def train(
 def _train_epoch(
     model: VAE,
     optimizer,
+    objective: Objective,
     data: Data,
     cfg: RunConfig,
     epoch: int,
@@ -335,18 +353,18 @@ def _train_epoch(
     model.train()
     x_train = data.train_epoch(pixel_gen)
     n_batches = math.ceil(len(x_train) / cfg.batch_size)
-    sums = torch.zeros(4, dtype=torch.float64, device=x_train.device)  # loss, recon, kl, |rho|
+    sums = torch.zeros(5, dtype=torch.float64, device=x_train.device)  # loss, recon, kl, |rho|, mmd
     has_rho = False
     bar = _progress(n_batches, f"epoch {epoch}/{cfg.epochs}", progress)
     start = time.perf_counter()
     for step, xb in enumerate(batches(x_train, cfg.batch_size, shuffle_gen), start=1):
-        out = model(xb, beta=cfg.beta)
-        loss = out.loss.mean()
+        out = model(xb)
+        loss, extras = objective(out, model)
         loss_value = float(loss.detach())  # one sync per step: also the NaN check
         if not math.isfinite(loss_value):
             if bar is not None:
                 bar.close()
-            raise _diverged(epoch, step, out, run_dir, last_epoch)
+            raise _diverged(epoch, step, out, extras, run_dir, last_epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -355,10 +373,11 @@ def _train_epoch(
             has_rho = rho is not None
             sums += torch.stack(
                 [
-                    out.loss.sum(),
+                    loss.detach() * len(xb),
                     out.recon.sum(),
                     out.kl.sum(),
                     rho.abs().sum() if rho is not None else out.loss.new_zeros(()),
+                    extras["mmd"].detach() * len(xb) if "mmd" in extras else out.loss.new_zeros(()),
                 ]
             ).double()
         if bar is not None:
@@ -381,6 +400,8 @@ def _train_epoch(
         "samples_per_second": n / seconds,
     }
     row["mean_abs_rho"] = s[3] if has_rho else float("nan")
+    if objective.kind == "infovae":
+        row["train_mmd"] = s[4]
     return row
 
 
