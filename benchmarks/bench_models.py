@@ -67,7 +67,8 @@ def main() -> None:
             times[posterior] = time_epoch(cfg, data, device) * EPOCH_IMAGES / len(data.train)
         rows.append((model, data.image_shape, cfg.objective, times))
     print(
-        f"# seconds per epoch of {EPOCH_IMAGES} images ({source}), scaled from {args.images} timed images, "
+        f"# seconds per epoch of {EPOCH_IMAGES} images ({source}), "
+        f"scaled from {args.images} timed images, "
         f"batch 128, z = 10, {device.type} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print("| model | input | objective | diagonal (s/epoch) | AR(1) (s/epoch) | AR(1) / diagonal |")
