@@ -69,7 +69,8 @@ def main() -> None:
     print(
         f"# seconds per epoch of {EPOCH_IMAGES} images ({source}), "
         f"scaled from {args.images} timed images, "
-        f"batch 128, z = 10, {device.type} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"batch 128, z = 10, {device.type} ({name}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
     )
     print("| model | input | objective | diagonal (s/epoch) | AR(1) (s/epoch) | AR(1) / diagonal |")
     print("|---|---|---|---:|---:|---:|")
