@@ -8,7 +8,11 @@ from rhovae.errors import RhovaeError
 from rhovae.model import MODELS, ModelConfig, build_model
 from rhovae.posteriors import HEADS
 
-PAIRS = [(m, p) for m in sorted(MODELS) for p in sorted(HEADS)]
+FAMILIES = sorted(HEADS) + ["planar", "iaf", "ar1+iaf", "ar1+planar"]
+PAIRS = [(m, p) for m in sorted(MODELS) for p in FAMILIES]
+# the overfit runs every base family in every model, and the flows in the MLP (the costly convolutional
+# models add nothing flow-specific there)
+OVERFIT = [(m, p) for m in sorted(MODELS) for p in sorted(HEADS)] + [("mlp", p) for p in FAMILIES[4:]]
 
 
 def model_shape(model, shape):
@@ -31,12 +35,14 @@ def test_shapes_loss_and_gradients(model, posterior, shape):
     out.loss.mean().backward()
     for name, p in vae.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
+        # a fresh IAF's gradient reaches its zero-initialised output layers first, not the layers before
+        if not (name.startswith("head.iaf") or name.startswith("head.context")):
+            assert p.grad.abs().sum() > 0, name
     with torch.no_grad():
         assert vae.iwae_bound(x, 7).shape == (5,)
 
 
-@pytest.mark.parametrize("model, posterior", PAIRS)
+@pytest.mark.parametrize("model, posterior", OVERFIT)
 def test_overfit_256_images_lowers_loss_by_a_third(model, posterior):
     torch.manual_seed(0)
     shape = model_shape(model, (1, 12, 12))

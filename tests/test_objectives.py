@@ -108,3 +108,76 @@ def test_model_defaults_resolve_and_are_recorded(idx_dir, tmp_path):
         row = next(csv.DictReader(f))
     assert float(row["train_mmd"]) == float(row["train_mmd"]) and row["val_mmd"] != ""
     assert float(row["val_loss"]) > float(row["val_recon"])  # the objective, not just the reconstruction
+
+
+def test_kl_warmup_schedule():
+    o = Objective(beta=2.0, warmup=10, warmup_start=0.5)
+    assert [o.kl_weight(t) for t in (0, 5, 10, 30)] == [0.5, 1.25, 2.0, 2.0]
+    assert Objective(beta=3.0).kl_weight(0) == 3.0  # no warm-up: constant beta
+
+
+def _model_and_output(posterior, d=4, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(posterior=posterior, latent_dim=d, hidden=8), (1, 4, 4))
+    return model, model(torch.rand(6, 1, 4, 4))
+
+
+def test_free_bits_per_dimension_value_and_gradient():
+    model, out = _model_and_output("diagonal")
+    q = out.q
+    per_dim = torch.distributions.kl_divergence(q.base_dist, model.prior().base_dist).mean(0)  # (d,)
+    lam = float(per_dim.median().detach())
+    loss, _ = Objective(free_bits=lam)(out, model)
+    expected = out.recon.mean() + torch.clamp(per_dim, min=lam).sum()
+    torch.testing.assert_close(loss, expected)
+    # the objective's KL part sends no gradient to the mean rows of dimensions under the floor
+    w = model.head.loc.weight
+    g_total = torch.autograd.grad(loss, w, retain_graph=True)[0]
+    g_recon = torch.autograd.grad(out.recon.mean(), w, retain_graph=True)[0]
+    g_kl = g_total - g_recon
+    below = per_dim.detach() < lam
+    assert below.any() and (~below).any()
+    assert torch.allclose(g_kl[below], torch.zeros_like(g_kl[below]), atol=1e-7)
+    assert torch.any(g_kl[~below].abs() > 1e-4)
+
+
+def test_free_bits_groups():
+    model, out = _model_and_output("diagonal")
+    per_dim = torch.distributions.kl_divergence(out.q.base_dist, model.prior().base_dist).mean(0)
+    loss, _ = Objective(free_bits=0.3, free_bits_groups=2)(out, model)
+    groups = per_dim.view(2, 2).sum(-1)
+    torch.testing.assert_close(loss, out.recon.mean() + torch.clamp(groups, min=0.3 * 2).sum())
+
+
+@pytest.mark.parametrize("posterior", ["ar1", "full", "iaf"])
+def test_free_bits_whole_vector_form_for_non_factorised_posteriors(posterior):
+    model, out = _model_and_output(posterior)
+    kl = out.kl.mean()
+    for lam in (0.0001, 100.0):  # below and above the floor
+        loss, _ = Objective(free_bits=lam)(out, model)
+        torch.testing.assert_close(loss, out.recon.mean() + torch.clamp(kl, min=lam * 4))
+    loss, _ = Objective(free_bits=100.0)(out, model)
+    head = model.head.base if hasattr(model.head, "base") else model.head
+    grad = torch.autograd.grad(loss - out.recon.mean(), head.loc.weight, allow_unused=True)[0]
+    assert grad is None or torch.all(grad == 0)  # clamped: the KL sends no gradient
+
+
+def test_warmup_is_applied_and_logged_by_the_trainer(idx_dir, tmp_path):
+    cfg = RunConfig(
+        dataset="mnist",
+        data_dir=str(idx_dir),
+        val_size=100,
+        latent_dim=3,
+        hidden=16,
+        epochs=3,
+        batch_size=100,
+        device="cpu",
+        pictures=False,
+        kl_warmup=2,
+        free_bits=0.05,
+    )
+    train(cfg, tmp_path / "run", progress=False)
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        betas = [float(r["beta"]) for r in csv.DictReader(f)]
+    # 3 steps per epoch: the last step of epoch 1 is at progress 2/3 of an epoch, i.e. beta 1/3
+    assert betas == pytest.approx([1 / 3, 5 / 6, 1.0])

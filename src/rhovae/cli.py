@@ -24,7 +24,9 @@ FLAG_HELP = {
     "model": "encoder/decoder backbone: mlp (the paper's 784-400-z MLP), cnn (the paper's two-conv CNN), "
     "betavae (Burgess et al. convs on 64x64 inputs, beta 4) or infovae (DCGAN with the InfoVAE objective)",
     "posterior": "posterior family: diagonal, ar1 (the paper's 2-scalar AR(1)), ar1-diag (AR(1) with "
-    "per-dimension scales), full (full covariance)",
+    "per-dimension scales), full (full covariance), planar or iaf (flows on the diagonal base), or "
+    "BASE+FLOW such as ar1+iaf",
+    "flow_steps": "number of flow steps of planar/iaf posteriors",
     "prior": "prior p(z): standard (N(0, I)) or ar1 (a learned AR(1) Gaussian)",
     "likelihood": "p(x|z): bernoulli (from logits) or gaussian (learned sigma)",
     "latent_dim": "size d of the latent vector",
@@ -49,6 +51,13 @@ FLAG_HELP = {
     "info_alpha": "InfoVAE's alpha",
     "info_lambda": "InfoVAE's lambda (weight of the MMD together with alpha)",
     "mmd_kernel": "kernel of the InfoVAE MMD: imq (inverse multiquadratic) or gaussian",
+    "kl_warmup": "KL warm-up: beta rises linearly from kl-warmup-start to beta over this many epochs "
+    "or steps (0: off)",
+    "kl_warmup_unit": "unit of kl-warmup: epochs or steps",
+    "kl_warmup_start": "beta at the start of the warm-up",
+    "free_bits": "free bits: minimum KL in nats per latent dimension, per group, batch-averaged (0: off); "
+    "non-factorised posteriors (AR(1), full, flows) use max(free_bits * d, KL)",
+    "free_bits_groups": "groups of latent dimensions for free bits (0: one per dimension)",
     "seed": "random seed: the same seed gives the same numbers",
     "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
     "pictures": "write samples, reconstructions and loss curves each epoch",

@@ -43,16 +43,29 @@ class RunConfig(ModelConfig):
     info_alpha: float = 0.0
     info_lambda: float = 1000.0
     mmd_kernel: str = "imq"
+    kl_warmup: int = 0  # > 0: beta rises linearly from kl_warmup_start over this many units
+    kl_warmup_unit: str = "epochs"  # or "steps"
+    kl_warmup_start: float = 0.0
+    free_bits: float = 0.0  # > 0: nats per latent dimension (Kingma et al. 2016)
+    free_bits_groups: int = 0  # groups of latent dimensions for free bits (0: one per dimension)
     seed: int = 0
     device: str = "auto"
     pictures: bool = True
 
     def validate(self) -> RunConfig:
-        positive = ["latent_dim", "hidden", "epochs", "batch_size", "val_size"]
+        positive = ["latent_dim", "hidden", "epochs", "batch_size", "val_size", "flow_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise RhovaeError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("limit", "early_stopping", "lr_patience"):
+        if self.kl_warmup_unit not in ("epochs", "steps"):
+            raise RhovaeError(f"kl-warmup-unit must be epochs or steps, got {self.kl_warmup_unit!r}")
+        if self.free_bits_groups and self.latent_dim % self.free_bits_groups:
+            raise RhovaeError(
+                f"free-bits-groups must divide latent-dim {self.latent_dim}, got {self.free_bits_groups}"
+            )
+        if not self.free_bits >= 0 or not self.kl_warmup_start >= 0:
+            raise RhovaeError("free-bits and kl-warmup-start must be >= 0")
+        for name in ("limit", "early_stopping", "lr_patience", "kl_warmup", "free_bits_groups"):
             if getattr(self, name) < 0:
                 raise RhovaeError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -72,12 +85,12 @@ class RunConfig(ModelConfig):
         from rhovae.data import DATASETS, PIXEL_MODES
         from rhovae.likelihoods import LIKELIHOODS
         from rhovae.objectives import KERNELS, OBJECTIVES
-        from rhovae.posteriors import HEADS
+        from rhovae.posteriors import posterior_names
         from rhovae.priors import PRIORS
 
         for what, value, known in (
             ("model", self.model, MODELS),
-            ("posterior", self.posterior, HEADS),
+            ("posterior", self.posterior, posterior_names()),
             ("prior", self.prior, PRIORS),
             ("likelihood", self.likelihood, LIKELIHOODS),
             ("dataset", self.dataset, DATASETS),

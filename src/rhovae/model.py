@@ -152,6 +152,7 @@ class ModelConfig:
     likelihood: str = "bernoulli"
     latent_dim: int = 10
     hidden: int = 400
+    flow_steps: int = 4  # for flow posteriors (planar, iaf, BASE+FLOW)
 
 
 @dataclass(frozen=True)
@@ -200,5 +201,5 @@ def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> VAE:
         if getattr(cfg, name) < 1:
             raise RhovaeError(f"{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     encoder, decoder = MODELS[cfg.model].build(cfg, image_shape)
-    head = make_head(cfg.posterior, encoder.out_features, cfg.latent_dim)
+    head = make_head(cfg.posterior, encoder.out_features, cfg.latent_dim, cfg.flow_steps)
     return VAE(encoder, head, decoder, make_likelihood(cfg.likelihood), make_prior(cfg.prior, cfg.latent_dim))

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.distributions import Distribution, Independent, kl_divergence
 
 from rhovae.errors import RhovaeError
 from rhovae.model import VAE, VAEOutput
 
-__all__ = ["KERNELS", "OBJECTIVES", "Objective", "mmd"]
+__all__ = ["KERNELS", "OBJECTIVES", "Objective", "mmd", "objective_from_config", "per_dimension_kl"]
 
 
 def _sq_distances(x: Tensor, y: Tensor) -> Tensor:
@@ -59,11 +60,35 @@ def mmd(x: Tensor, y: Tensor, kernel: str = "imq", unbiased: bool = True) -> Ten
     return xx + yy - 2 * kxy.mean()
 
 
+def per_dimension_kl(q: Distribution, p: Distribution) -> Tensor | None:
+    """``KL_j`` per latent dimension ``(B, d)`` when both sides factorise over dimensions (independent
+    univariate components with a registered KL), else None: for AR(1), full-covariance and flow
+    posteriors the KL does not split into per-dimension terms."""
+    if not (isinstance(q, Independent) and isinstance(p, Independent)):
+        return None
+    if q.reinterpreted_batch_ndims != 1 or p.reinterpreted_batch_ndims != 1:
+        return None
+    try:
+        return kl_divergence(q.base_dist, p.base_dist)
+    except NotImplementedError:
+        return None
+
+
 @dataclass
 class Objective:
-    """``elbo``: ``recon + beta * KL``. ``infovae`` (Zhao et al. 2019):
+    """The scalar a step minimises, from one pass's per-sample terms (``recon``, ``kl``, ``z``).
+
+    ``elbo``: ``recon + beta_t * KL``. ``infovae`` (Zhao et al. 2019):
     ``recon + (1 - alpha) * KL + (alpha + lambda - 1) * MMD(q(z) || p(z))``, the MMD between the batch's
     posterior samples and as many prior samples.
+
+    KL warm-up: ``beta_t`` rises linearly from ``warmup_start`` to ``beta`` over ``warmup`` units of
+    training progress (epochs or steps, as the trainer counts them), then stays (notes eq. 13).
+
+    Free bits (Kingma et al. 2016, notes eq. 14), ``free_bits = lambda > 0``: the KL term becomes
+    ``sum_j max(lambda, KL_j)`` over ``free_bits_groups`` groups of latent dimensions, each ``KL_j``
+    averaged over the batch before the max. Where the KL does not factorise (AR(1), full, flows) the
+    whole-vector form ``max(lambda * d, KL)`` is used: see :func:`per_dimension_kl`.
     """
 
     kind: str = "elbo"
@@ -71,6 +96,10 @@ class Objective:
     alpha: float = 0.0
     lam: float = 1000.0
     kernel: str = "imq"
+    warmup: float = 0.0
+    warmup_start: float = 0.0
+    free_bits: float = 0.0
+    free_bits_groups: int = 0  # 0: one group per latent dimension
 
     def __post_init__(self) -> None:
         if self.kind not in OBJECTIVES:
@@ -79,14 +108,39 @@ class Objective:
             raise RhovaeError(
                 f"unknown MMD kernel {self.kernel!r}; choose one of: {', '.join(sorted(KERNELS))}"
             )
+        if self.warmup < 0 or self.free_bits < 0 or self.free_bits_groups < 0:
+            raise RhovaeError("kl-warmup, free-bits and free-bits-groups must be >= 0")
+        self.progress = 0.0
+
+    def kl_weight(self, progress: float | None = None) -> float:
+        """``beta_t`` at ``progress`` (epochs or steps done; default: the last one set)."""
+        t = self.progress if progress is None else progress
+        if self.warmup <= 0:
+            return self.beta
+        return self.warmup_start + (self.beta - self.warmup_start) * min(1.0, t / self.warmup)
+
+    def _kl_term(self, out: VAEOutput, model: VAE) -> Tensor:
+        """The batch's KL contribution (a scalar, per sample), clamped by free bits if asked."""
+        if self.free_bits <= 0:
+            return out.kl.mean()
+        d = out.z.shape[-1]
+        per_dim = per_dimension_kl(out.q, model.prior()) if out.kl_exact else None
+        if per_dim is None:
+            return torch.clamp(out.kl.mean(), min=self.free_bits * d)
+        groups = self.free_bits_groups or d
+        if d % groups:
+            raise RhovaeError(f"free-bits-groups must divide the latent size {d}, got {groups}")
+        per_group = per_dim.mean(0).view(groups, d // groups).sum(-1)
+        return torch.clamp(per_group, min=self.free_bits * d / groups).sum()
 
     def __call__(self, out: VAEOutput, model: VAE) -> tuple[Tensor, dict[str, Tensor]]:
         """The batch loss (mean over samples, nats) and its extra terms, e.g. ``{"mmd": ...}``."""
         if self.kind == "elbo":
-            return (out.recon + self.beta * out.kl).mean(), {}
+            return out.recon.mean() + self.kl_weight() * self._kl_term(out, model), {}
         prior_z = model.prior().sample((len(out.z),)).to(out.z.dtype)
         divergence = mmd(out.z, prior_z, self.kernel)
-        loss = (out.recon + (1 - self.alpha) * out.kl).mean() + (self.alpha + self.lam - 1) * divergence
+        kl = self._kl_term(out, model)
+        loss = out.recon.mean() + (1 - self.alpha) * kl + (self.alpha + self.lam - 1) * divergence
         return loss, {"mmd": divergence}
 
 
@@ -97,4 +151,14 @@ def objective_from_config(cfg) -> Objective:
     """The objective a :class:`~rhovae.config.RunConfig` (already resolved) asks for."""
     if not math.isfinite(cfg.beta):
         raise RhovaeError(f"beta must be finite, got {cfg.beta}")
-    return Objective(cfg.objective, cfg.beta, cfg.info_alpha, cfg.info_lambda, cfg.mmd_kernel)
+    return Objective(
+        cfg.objective,
+        cfg.beta,
+        cfg.info_alpha,
+        cfg.info_lambda,
+        cfg.mmd_kernel,
+        cfg.kl_warmup,
+        cfg.kl_warmup_start,
+        cfg.free_bits,
+        cfg.free_bits_groups,
+    )

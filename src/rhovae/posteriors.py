@@ -15,10 +15,14 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
 from rhovae.distributions import AR1Normal
+from rhovae.distributions.flows import FlowPosterior, IAFStep, PlanarStep, reverse_order
 from rhovae.errors import RhovaeError
 
 __all__ = [
+    "FLOWS",
     "HEADS",
+    "FlowHead",
+    "posterior_names",
     "AR1GaussianHead",
     "DiagonalGaussianHead",
     "FullCovGaussianHead",
@@ -106,12 +110,86 @@ HEADS: dict[str, HeadFactory] = {
 }
 
 
-def make_head(name: str, in_features: int, latent_dim: int) -> nn.Module:
-    """Build the posterior head registered as ``name`` (one of :data:`HEADS`)."""
-    if name not in HEADS:
-        raise RhovaeError(f"unknown posterior {name!r}; choose one of: {', '.join(sorted(HEADS))}")
+class FlowHead(nn.Module):
+    """A base head followed by ``steps`` flow steps whose parameters come from the same features.
+
+    ``flow="planar"``: amortised planar steps (``Linear(h, steps * (2d + 1))`` gives u, w, b per input),
+    or global ones with ``amortised=False``. ``flow="iaf"``: IAF steps with a MADE of ``hidden`` units
+    and the context ``ELU(Linear(h, hidden))``, reversing the variable order between steps.
+    Returns a :class:`~rhovae.distributions.flows.FlowPosterior` on the base's distribution.
+    """
+
+    def __init__(
+        self, base: nn.Module, flow: str, steps: int = 4, amortised: bool = True, hidden: int | None = None
+    ) -> None:
+        super().__init__()
+        self.base, self.flow, self.steps, self.amortised = base, flow, steps, amortised
+        self.in_features, self.latent_dim = base.in_features, base.latent_dim
+        d = self.latent_dim
+        if flow == "planar":
+            if amortised:
+                self.planar = nn.Linear(self.in_features, steps * (2 * d + 1))
+            else:
+                self.planar_u = nn.Parameter(0.01 * torch.randn(steps, d))
+                self.planar_w = nn.Parameter(0.01 * torch.randn(steps, d))
+                self.planar_b = nn.Parameter(torch.zeros(steps, 1))
+        elif flow == "iaf":
+            hidden = hidden or max(64, 4 * d)
+            self.context = nn.Sequential(nn.Linear(self.in_features, hidden), nn.ELU())
+            self.iaf = nn.ModuleList(IAFStep(d, hidden, hidden) for _ in range(steps))
+        else:
+            raise RhovaeError(f"unknown flow {flow!r}; choose one of: {', '.join(sorted(FLOWS))}")
+
+    def _transforms(self, h: Tensor) -> list:
+        d = self.latent_dim
+        if self.flow == "planar":
+            if self.amortised:
+                params = self.planar(h).view(*h.shape[:-1], self.steps, 2 * d + 1)
+                return [
+                    PlanarStep(params[..., k, :d], params[..., k, d : 2 * d], params[..., k, 2 * d :])
+                    for k in range(self.steps)
+                ]
+            return [
+                PlanarStep(self.planar_u[k], self.planar_w[k], self.planar_b[k]) for k in range(self.steps)
+            ]
+        context = self.context(h)
+        transforms = []
+        for k, step in enumerate(self.iaf):
+            if k:
+                transforms.append(reverse_order)
+            transforms.append(step.bind(context))
+        return transforms
+
+    def forward(self, h: Tensor) -> Distribution:
+        return FlowPosterior(self.base(h), self._transforms(h))
+
+
+FLOWS = ("planar", "iaf")
+
+
+def posterior_names() -> list[str]:
+    """Every name ``make_head`` accepts: base families, flows on the diagonal base, and base+flow."""
+    return sorted(HEADS) + list(FLOWS) + [f"{b}+{f}" for b in sorted(HEADS) for f in FLOWS]
+
+
+def make_head(name: str, in_features: int, latent_dim: int, flow_steps: int = 4) -> nn.Module:
+    """Build the posterior head ``name``: a base family of :data:`HEADS`, a flow of :data:`FLOWS` on the
+    diagonal base (``planar``, ``iaf``, as in the literature), or ``base+flow`` (``ar1+iaf``, ...)."""
     if in_features < 1 or latent_dim < 1:
         raise RhovaeError(
             f"posterior head sizes must be positive, got in_features={in_features}, latent_dim={latent_dim}"
         )
-    return HEADS[name](in_features, latent_dim)
+    base_name, _, flow = name.partition("+")
+    if name in FLOWS:
+        base_name, flow = "diagonal", name
+    if base_name not in HEADS or (flow and flow not in FLOWS):
+        raise RhovaeError(
+            f"unknown posterior {name!r}; choose one of: {', '.join(sorted(HEADS) + list(FLOWS))} "
+            f"or BASE+FLOW (e.g. ar1+iaf)"
+        )
+    base = HEADS[base_name](in_features, latent_dim)
+    if not flow:
+        return base
+    if flow_steps < 1:
+        raise RhovaeError(f"flow-steps must be positive, got {flow_steps}")
+    return FlowHead(base, flow, flow_steps)

@@ -49,6 +49,7 @@ METRIC_FIELDS = [
     "val_mmd",
     "test_mmd",
     "mean_abs_rho",
+    "beta",
     "lr",
     "epoch_seconds",
     "samples_per_second",
@@ -358,6 +359,9 @@ def _train_epoch(
     bar = _progress(n_batches, f"epoch {epoch}/{cfg.epochs}", progress)
     start = time.perf_counter()
     for step, xb in enumerate(batches(x_train, cfg.batch_size, shuffle_gen), start=1):
+        # training progress for the KL warm-up, in the unit the config counts
+        done = (epoch - 1) * n_batches + step - 1
+        objective.progress = done if cfg.kl_warmup_unit == "steps" else done / n_batches
         out = model(xb)
         loss, extras = objective(out, model)
         loss_value = float(loss.detach())  # one sync per step: also the NaN check
@@ -402,6 +406,7 @@ def _train_epoch(
     row["mean_abs_rho"] = s[3] if has_rho else float("nan")
     if objective.kind == "infovae":
         row["train_mmd"] = s[4]
+    row["beta"] = objective.kl_weight()
     return row
 
 
