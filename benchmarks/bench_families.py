@@ -1,0 +1,69 @@
+"""Seconds per training epoch of the MLP VAE with every posterior family, relative to the diagonal one.
+
+The trainer's own inner loop (rhovae.train._train_epoch) over --images Fashion-MNIST training images
+(random pixels of the same shape when the dataset is not installed), batch 128, z = 10, after a
+3-batch warm-up; the minimum of --repeats epochs.
+
+    python benchmarks/bench_families.py [--images 55000] [--repeats 2] [--flow-steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from rhovae.config import RunConfig
+from rhovae.data import Data, load_data
+from rhovae.errors import RhovaeError
+from rhovae.model import build_model
+from rhovae.objectives import objective_from_config
+from rhovae.train import _train_epoch, make_optimizer
+
+FAMILIES = ["diagonal", "ar1", "ar1-diag", "full", "planar", "iaf", "ar1+planar", "ar1+iaf"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=55000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--flow-steps", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    try:
+        data = load_data("fashion-mnist", val_size=5000, device=device, limit=args.images)
+        source = "Fashion-MNIST"
+    except RhovaeError:
+        x = torch.rand((args.images, 1, 28, 28), generator=torch.Generator().manual_seed(0)).to(device)
+        data, source = Data(x, x[:10], x[:10], "continuous", "random", "synthetic"), "random pixels"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    print(
+        f"# MLP VAE, {len(data.train)} {source} images per epoch, batch 128, z = 10, {args.flow_steps} flow "
+        f"steps, {device.type} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print("| posterior | epoch (s) | vs diagonal |")
+    print("|---|---:|---:|")
+    base = None
+    for family in FAMILIES:
+        cfg = RunConfig(posterior=family, latent_dim=10, flow_steps=args.flow_steps).validate()
+        torch.manual_seed(0)
+        model = build_model(cfg, data.image_shape).to(device)
+        optimizer = make_optimizer(model, cfg.lr)
+        objective = objective_from_config(cfg)
+        gens = (torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(0))
+        warm = Data(data.train[:384], data.val, data.test, data.pixels, data.source, data.name)
+        _train_epoch(model, optimizer, objective, warm, cfg, 1, *gens, False, None, 0)
+        seconds = min(
+            _train_epoch(model, optimizer, objective, data, cfg, 1, *gens, False, None, 0)["epoch_seconds"]
+            for _ in range(args.repeats)
+        )
+        base = base or seconds
+        print(f"| {family} | {seconds:.2f} | {seconds / base:.2f}× |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
