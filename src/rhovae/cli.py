@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -27,6 +26,8 @@ FLAG_HELP = {
     "per-dimension scales), full (full covariance), planar or iaf (flows on the diagonal base), or "
     "BASE+FLOW such as ar1+iaf",
     "flow_steps": "number of flow steps of planar/iaf posteriors",
+    "kl_estimator": "exact, or paper-legacy: train with the reference code's random-walk sampler and "
+    "batch-mixed KL (NOT an ELBO; for reproducing the published curves; evaluation stays exact)",
     "prior": "prior p(z): standard (N(0, I)) or ar1 (a learned AR(1) Gaussian)",
     "likelihood": "p(x|z): bernoulli (from logits) or gaussian (learned sigma)",
     "latent_dim": "size d of the latent vector",
@@ -119,6 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo estimates (default: 0)")
 
     p = sub.add_parser(
+        "compare",
+        help="run a grid of runs (an experiment) and write its report",
+        description="Run every point of an experiment grid (a TOML file or a preset), skipping finished "
+        "runs, then write report.md, report.json, runs.csv and pictures with means, sds and paired "
+        "intervals.",
+    )
+    p.add_argument("experiment", nargs="?", help="experiment TOML file (or use --preset)")
+    p.add_argument("--preset", choices=["quick", "paper", "families"], help="a shipped experiment")
+    p.add_argument("--out", type=Path, help="output folder (default: runs/compare-NAME)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once, in separate processes (default: 1)"
+    )
+    p.add_argument("--device", help="device of every run (default: the experiment's, else auto)")
+    p.add_argument(
+        "--kl-estimator",
+        choices=["exact", "paper-legacy"],
+        help="paper-legacy: train with the reference code's sampler and KL (NOT an ELBO)",
+    )
+    p.add_argument("--epochs", type=int, help="override the experiment's epochs (e.g. for a quick look)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs only")
+
+    p = sub.add_parser(
         "sample",
         help="write a PNG grid of samples from the prior",
         description="Decode z ~ p(z) and write the means as a PNG grid.",
@@ -174,46 +197,23 @@ def _test_images(cfg: RunConfig, device, limit: int = 0):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
+    from rhovae.evaluate import evaluate_run
 
-    from rhovae.evaluate import active_units, elbo_terms, iwae_nll, posterior_statistics
-    from rhovae.train import load_run
-
-    if args.iwae_k < 1:
-        raise RhovaeError(f"--iwae-k must be positive, got {args.iwae_k}")
-    model, cfg, ckpt = load_run(args.run, args.checkpoint, args.device)
-    device = next(model.parameters()).device
-    x = _test_images(cfg, device, args.limit)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(args.seed)
-        terms = elbo_terms(model, x)
-        result = {
-            "run": str(args.run),
-            "checkpoint": args.checkpoint,
-            "epoch": ckpt["epoch"],
-            "dataset": cfg.dataset,
-            "posterior": cfg.posterior,
-            "test_images": len(x),
-            "test_neg_elbo": terms["recon"] + terms["kl"],
-            "test_recon": terms["recon"],
-            "test_kl": terms["kl"],
-            **iwae_nll(model, x, args.iwae_k),
-            **active_units(model, x),
-            "posterior_statistics": posterior_statistics(model, x),
-            "seed": args.seed,
-        }
+    result = evaluate_run(args.run, args.iwae_k, args.checkpoint, args.limit, args.device, args.seed)
+    cfg = result["config"]
     out = args.run / "evaluation.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"{args.run} ({cfg.posterior}, {cfg.dataset}, {len(x)} test images, {args.checkpoint}.pt epoch "
-        f"{ckpt['epoch']})"
+        f"{args.run} ({cfg['posterior']}, {cfg['dataset']}, {result['test_images']} test images, "
+        f"{args.checkpoint}.pt epoch {result['epoch']})"
     )
+    if cfg["kl_estimator"] != "exact":
+        print(f"  trained with the {cfg['kl_estimator']} KL estimator: its training loss was NOT an ELBO")
     print(
         f"  test negative ELBO  {result['test_neg_elbo']:.3f} nats/sample "
         f"(reconstruction {result['test_recon']:.3f} + KL {result['test_kl']:.3f})"
     )
     print(f"  IWAE NLL (k={args.iwae_k})  {result['iwae_nll']:.3f} ± {result['iwae_nll_se']:.3f}")
-    print(f"  active units        {result['active_units']} of {cfg.latent_dim}")
+    print(f"  active units        {result['active_units']} of {cfg['latent_dim']}")
     stats = result["posterior_statistics"]
     if stats:
         r, s = stats["rho"], stats["s"]
@@ -256,7 +256,36 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rhovae.experiments import compare, load_experiment, print_summary, write_report
+
+    if bool(args.experiment) == bool(args.preset):
+        raise RhovaeError("give an experiment file or --preset NAME (one of quick, paper, families)")
+    if args.jobs < 1:
+        raise RhovaeError(f"--jobs must be positive, got {args.jobs}")
+    exp = load_experiment(args.preset or args.experiment)
+    overrides = {
+        k: v
+        for k, v in (("device", args.device), ("kl_estimator", args.kl_estimator), ("epochs", args.epochs))
+        if v is not None
+    }
+    if overrides.get("kl_estimator") == "paper-legacy":
+        exp.name += "-paper-legacy"
+    out = args.out or Path("runs") / f"compare-{exp.name}"
+    if args.report_only:
+        if overrides:
+            import dataclasses as dc
+
+            exp = dc.replace(exp, run={**exp.run, **overrides})
+        report = write_report(exp, out)
+    else:
+        report = compare(exp, out, jobs=args.jobs, overrides=overrides)
+    print_summary(report)
+    return 0
+
+
 COMMANDS = {
+    "compare": cmd_compare,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "sample": cmd_sample,

@@ -57,6 +57,13 @@ class RunConfig(ModelConfig):
         for name in positive:
             if getattr(self, name) < 1:
                 raise RhovaeError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.kl_estimator not in ("exact", "paper-legacy"):
+            raise RhovaeError(f"unknown kl-estimator {self.kl_estimator!r}; choose exact or paper-legacy")
+        if self.kl_estimator == "paper-legacy" and self.posterior not in ("ar1", "diagonal"):
+            raise RhovaeError(
+                "kl-estimator paper-legacy exists for the ar1 and diagonal posteriors, "
+                f"not {self.posterior!r}"
+            )
         if self.kl_warmup_unit not in ("epochs", "steps"):
             raise RhovaeError(f"kl-warmup-unit must be epochs or steps, got {self.kl_warmup_unit!r}")
         if self.free_bits_groups and self.latent_dim % self.free_bits_groups:

@@ -103,3 +103,48 @@ def posterior_statistics(model: VAE, x: Tensor, batch_size: int = 1000) -> dict[
         return out
 
     return {"rho": summary(rho), "s": summary(s), "mean_abs_rho": float(rho.abs().mean())}
+
+
+def evaluate_run(
+    run_dir, iwae_k: int = 1000, checkpoint: str = "best", limit: int = 0, device: str = "auto", seed: int = 0
+) -> dict[str, Any]:
+    """Evaluate a run folder on its test split and write ``evaluation.json``; returns the record.
+
+    Test negative ELBO and its terms, the IWAE NLL with ``iwae_k`` samples, active units and, for
+    posteriors with a rho, its distribution. ``limit > 0`` evaluates the first ``limit`` test images.
+    """
+    import json
+    from pathlib import Path
+
+    from rhovae.errors import RhovaeError
+    from rhovae.train import load_run, prepare_data
+
+    if iwae_k < 1:
+        raise RhovaeError(f"--iwae-k must be positive, got {iwae_k}")
+    run_dir = Path(run_dir)
+    model, cfg, ckpt = load_run(run_dir, checkpoint, device)
+    dev = next(model.parameters()).device
+    x = prepare_data(cfg, dev).test
+    x = x[:limit] if limit > 0 else x
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        terms = elbo_terms(model, x)
+        result = {
+            "run": str(run_dir),
+            "checkpoint": checkpoint,
+            "epoch": ckpt["epoch"],
+            "dataset": cfg.dataset,
+            "posterior": cfg.posterior,
+            "test_images": len(x),
+            "test_neg_elbo": terms["recon"] + terms["kl"],
+            "test_recon": terms["recon"],
+            "test_kl": terms["kl"],
+            **iwae_nll(model, x, iwae_k),
+            **active_units(model, x),
+            "posterior_statistics": posterior_statistics(model, x),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "seed": seed,
+            "config": cfg.to_dict(),
+        }
+    (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

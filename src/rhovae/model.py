@@ -153,6 +153,7 @@ class ModelConfig:
     latent_dim: int = 10
     hidden: int = 400
     flow_steps: int = 4  # for flow posteriors (planar, iaf, BASE+FLOW)
+    kl_estimator: str = "exact"  # or "paper-legacy": the reference code's sampler and KL (not an ELBO)
 
 
 @dataclass(frozen=True)
@@ -201,5 +202,5 @@ def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> VAE:
         if getattr(cfg, name) < 1:
             raise RhovaeError(f"{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     encoder, decoder = MODELS[cfg.model].build(cfg, image_shape)
-    head = make_head(cfg.posterior, encoder.out_features, cfg.latent_dim, cfg.flow_steps)
+    head = make_head(cfg.posterior, encoder.out_features, cfg.latent_dim, cfg.flow_steps, cfg.kl_estimator)
     return VAE(encoder, head, decoder, make_likelihood(cfg.likelihood), make_prior(cfg.prior, cfg.latent_dim))

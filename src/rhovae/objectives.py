@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, Independent, kl_divergence
 
+from rhovae.distributions.legacy import paper_legacy_kl_total
 from rhovae.errors import RhovaeError
 from rhovae.model import VAE, VAEOutput
 
@@ -100,6 +101,7 @@ class Objective:
     warmup_start: float = 0.0
     free_bits: float = 0.0
     free_bits_groups: int = 0  # 0: one group per latent dimension
+    kl_estimator: str = "exact"  # "paper-legacy": the reference code's batch-mixed KL (not an ELBO)
 
     def __post_init__(self) -> None:
         if self.kind not in OBJECTIVES:
@@ -121,6 +123,9 @@ class Objective:
 
     def _kl_term(self, out: VAEOutput, model: VAE) -> Tensor:
         """The batch's KL contribution (a scalar, per sample), clamped by free bits if asked."""
+        if self.kl_estimator == "paper-legacy" and getattr(out.q, "rho", None) is not None:
+            # the reference code's batch total divided by B (docs/math.md §13): not a KL per sample
+            return paper_legacy_kl_total(out.q.loc, out.q.rho, out.q.scale) / len(out.z)
         if self.free_bits <= 0:
             return out.kl.mean()
         d = out.z.shape[-1]
@@ -161,4 +166,5 @@ def objective_from_config(cfg) -> Objective:
         cfg.kl_warmup_start,
         cfg.free_bits,
         cfg.free_bits_groups,
+        cfg.kl_estimator,
     )

@@ -16,6 +16,7 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 
 from rhovae.distributions import AR1Normal
 from rhovae.distributions.flows import FlowPosterior, IAFStep, PlanarStep, reverse_order
+from rhovae.distributions.legacy import PaperLegacyAR1
 from rhovae.errors import RhovaeError
 
 __all__ = [
@@ -66,11 +67,15 @@ class AR1GaussianHead(nn.Module):
         self.loc = nn.Linear(in_features, latent_dim)
         self.rho = nn.Linear(in_features, 1)
         self.log_var = nn.Linear(in_features, latent_dim if per_dim_scale else 1)
+        # paper-legacy mode: in training only, sample like the reference code (a random walk; see
+        # rhovae.distributions.legacy); evaluation always uses the exact AR(1) distribution
+        self.legacy_sampler = False
 
     def forward(self, h: Tensor) -> Distribution:
         rho = RHO_BOUND * torch.tanh(self.rho(h))
         scale = torch.exp(0.5 * self.log_var(h))
-        return AR1Normal(self.loc(h), rho, scale, validate_args=False)
+        cls = PaperLegacyAR1 if self.legacy_sampler and self.training else AR1Normal
+        return cls(self.loc(h), rho, scale, validate_args=False)
 
 
 class FullCovGaussianHead(nn.Module):
@@ -172,7 +177,9 @@ def posterior_names() -> list[str]:
     return sorted(HEADS) + list(FLOWS) + [f"{b}+{f}" for b in sorted(HEADS) for f in FLOWS]
 
 
-def make_head(name: str, in_features: int, latent_dim: int, flow_steps: int = 4) -> nn.Module:
+def make_head(
+    name: str, in_features: int, latent_dim: int, flow_steps: int = 4, kl_estimator: str = "exact"
+) -> nn.Module:
     """Build the posterior head ``name``: a base family of :data:`HEADS`, a flow of :data:`FLOWS` on the
     diagonal base (``planar``, ``iaf``, as in the literature), or ``base+flow`` (``ar1+iaf``, ...)."""
     if in_features < 1 or latent_dim < 1:
@@ -188,6 +195,14 @@ def make_head(name: str, in_features: int, latent_dim: int, flow_steps: int = 4)
             f"or BASE+FLOW (e.g. ar1+iaf)"
         )
     base = HEADS[base_name](in_features, latent_dim)
+    if kl_estimator == "paper-legacy":
+        if flow or base_name not in ("ar1", "diagonal"):
+            raise RhovaeError(
+                f"the paper-legacy KL estimator exists for the ar1 and diagonal posteriors only, not {name!r}"
+            )
+        base.legacy_sampler = base_name == "ar1"  # the reference's diagonal baseline was exact
+    elif kl_estimator != "exact":
+        raise RhovaeError(f"unknown kl-estimator {kl_estimator!r}; choose exact or paper-legacy")
     if not flow:
         return base
     if flow_steps < 1:

@@ -1,0 +1,1 @@
+"""Experiment presets for `rhovae compare` (TOML files read with importlib.resources)."""
