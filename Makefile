@@ -15,12 +15,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# Fashion-MNIST from Debian's dataset-fashion-mnist, where we are root with apt; elsewhere the
-# data tests skip and say why.
+# Fashion-MNIST (Debian's dataset-fashion-mnist) and English words (wamerican, for --dataset words),
+# where we are root with apt; elsewhere the tests that need them skip and say why.
 data:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-		|| echo "note: could not install dataset-fashion-mnist; data tests will skip"; \
+	@if { [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/dict/words ]; } \
+		&& command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist wamerican >/dev/null) \
+		|| echo "note: could not install dataset-fashion-mnist/wamerican; the tests that need them skip"; \
 	fi
 
 test: setup data

@@ -1,6 +1,6 @@
 """Seconds per training epoch of the MLP VAE with every posterior family, relative to the diagonal one.
 
-The trainer's own inner loop (rhovae.train._train_epoch) over --images Fashion-MNIST training images
+The trainer's own inner loop (rhovae.train.train_epoch) over --images Fashion-MNIST training images
 (random pixels of the same shape when the dataset is not installed), batch 128, z = 10, after a
 3-batch warm-up; the minimum of --repeats epochs.
 
@@ -17,9 +17,7 @@ import torch
 from rhovae.config import RunConfig
 from rhovae.data import Data, load_data
 from rhovae.errors import RhovaeError
-from rhovae.model import build_model
-from rhovae.objectives import objective_from_config
-from rhovae.train import _train_epoch, make_optimizer
+from rhovae.train import make_run, train_epoch
 
 FAMILIES = ["diagonal", "ar1", "ar1-diag", "full", "planar", "iaf", "ar1+planar", "ar1+iaf"]
 
@@ -51,16 +49,11 @@ def main() -> None:
     for family in FAMILIES:
         cfg = RunConfig(posterior=family, latent_dim=10, flow_steps=args.flow_steps).validate()
         torch.manual_seed(0)
-        model = build_model(cfg, data.image_shape).to(device)
-        optimizer = make_optimizer(model, cfg.lr)
-        objective = objective_from_config(cfg)
-        gens = (torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(0))
-        warm = Data(data.train[:384], data.val, data.test, data.pixels, data.source, data.name)
-        _train_epoch(model, optimizer, objective, warm, cfg, 1, *gens, False, None, 0)
-        seconds = min(
-            _train_epoch(model, optimizer, objective, data, cfg, 1, *gens, False, None, 0)["epoch_seconds"]
-            for _ in range(args.repeats)
-        )
+        run = make_run(cfg, data)
+        run.data = Data(data.train[:384], data.val, data.test, data.pixels, data.source, data.name)
+        train_epoch(run, 1)  # warm-up
+        run.data = data
+        seconds = min(train_epoch(run, 1)["epoch_seconds"] for _ in range(args.repeats))
         base = base or seconds
         print(f"| {family} | {seconds:.2f} | {seconds / base:.2f}× |", flush=True)
 

@@ -1,6 +1,6 @@
 """Seconds per Fashion-MNIST training epoch of every model with the diagonal and the AR(1) posterior.
 
-Each cell runs the trainer's own inner loop (rhovae.train._train_epoch, with the model's objective) on
+Each cell runs the trainer's own inner loop (rhovae.train.train_epoch, with the model's objective) on
 the first --images training images, after one warm-up pass over 3 batches, and scales the time to a full
 epoch of 55,000 images (the training split). Real Fashion-MNIST when installed, else random pixels of the
 same shape (said in the header).
@@ -18,9 +18,8 @@ import torch
 from rhovae.config import RunConfig
 from rhovae.data import Data, load_data
 from rhovae.errors import RhovaeError
-from rhovae.model import MODELS, build_model
-from rhovae.objectives import objective_from_config
-from rhovae.train import _train_epoch, make_optimizer
+from rhovae.model import MODELS
+from rhovae.train import make_run, train_epoch
 
 EPOCH_IMAGES = 55000
 
@@ -38,13 +37,13 @@ def data_for(model: str, n: int, device) -> tuple[Data, str]:
 
 def time_epoch(cfg: RunConfig, data: Data, device) -> float:
     torch.manual_seed(0)
-    model = build_model(cfg, data.image_shape).to(device)
-    optimizer = make_optimizer(model, cfg.lr)
-    objective = objective_from_config(cfg)
-    warm = Data(data.train[: 3 * cfg.batch_size], data.val, data.test, data.pixels, data.source, data.name)
-    args = (torch.Generator().manual_seed(0), torch.Generator(device=device).manual_seed(0), False, None, 0)
-    _train_epoch(model, optimizer, objective, warm, cfg, 1, *args)
-    return _train_epoch(model, optimizer, objective, data, cfg, 1, *args)["epoch_seconds"]
+    run = make_run(cfg, data)
+    run.data = Data(
+        data.train[: 3 * cfg.batch_size], data.val, data.test, data.pixels, data.source, data.name
+    )
+    train_epoch(run, 1)  # warm-up
+    run.data = data
+    return train_epoch(run, 1)["epoch_seconds"]
 
 
 def main() -> None:
@@ -65,7 +64,7 @@ def main() -> None:
         for posterior in ("diagonal", "ar1"):
             cfg = RunConfig(model=model, posterior=posterior, latent_dim=10, batch_size=128).validate()
             times[posterior] = time_epoch(cfg, data, device) * EPOCH_IMAGES / len(data.train)
-        rows.append((model, data.image_shape, cfg.objective, times))
+        rows.append((model, data.data_shape, cfg.objective, times))
     print(
         f"# seconds per epoch of {EPOCH_IMAGES} images ({source}), "
         f"scaled from {args.images} timed images, "

@@ -1,7 +1,7 @@
 """Epoch time of the MLP VAE (diagonal vs AR(1) posterior) against the FLOP floor and a DataLoader pipeline.
 
 On Fashion-MNIST-shaped data (random pixels, 60,000 images of 1x28x28 by default), batch 128, Adam:
-- rhovae's epoch: the trainer's own inner loop (rhovae.train._train_epoch: data as one device tensor,
+- rhovae's epoch: the trainer's own inner loop (rhovae.train.train_epoch: data as one device tensor,
   batches sliced from a permutation, a NaN check per step);
 - the reference pipeline of the original repository: the same model fed by torch.utils.data.DataLoader
   over a per-image Dataset, loss.item() per step;
@@ -23,9 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from rhovae.config import RunConfig
 from rhovae.data import Data
-from rhovae.model import build_model
-from rhovae.objectives import Objective
-from rhovae.train import _train_epoch, make_optimizer
+from rhovae.objectives import batch_loss
+from rhovae.train import make_run, train_epoch
 
 SHAPE = (1, 28, 28)
 
@@ -39,7 +38,7 @@ def training_flops(model, x) -> int:
     """FLOPs of one forward+backward pass on batch ``x`` (matmuls and convolutions)."""
     counter = FlopCounterMode(display=False)
     with counter:
-        model(x).loss.mean().backward()
+        batch_loss(model, x).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -91,7 +90,7 @@ def dataloader_epoch(model, optimizer, x, batch_size, seed):
     total = 0.0
     start = time.perf_counter()
     for xb in loader:
-        loss = model(xb).loss.mean()
+        loss = batch_loss(model, xb)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -129,28 +128,13 @@ def main() -> None:
         for posterior in ("diagonal", "ar1"):
             cfg = RunConfig(posterior=posterior, latent_dim=z, batch_size=128, epochs=1)
             torch.manual_seed(0)
-            model = build_model(cfg, SHAPE).to(device)
-            optimizer = make_optimizer(model, 1e-3)
+            run = make_run(cfg.validate(), data)
+            model, optimizer = run.model, run.optimizer
             flops_step = training_flops(model, x[:128])
             steps = -(-args.images // 128)
             rate = matmul_rate(model_gemm_shapes(model, 128), device)
             floor = flops_step * steps / rate
-            best = min(
-                _train_epoch(
-                    model,
-                    optimizer,
-                    Objective(),
-                    data,
-                    cfg,
-                    1,
-                    torch.Generator().manual_seed(r),
-                    torch.Generator(device=device).manual_seed(r),
-                    False,
-                    None,
-                    0,
-                )["epoch_seconds"]
-                for r in range(args.repeats)
-            )
+            best = min(train_epoch(run, 1)["epoch_seconds"] for _ in range(args.repeats))
             times[posterior] = best
             loader = "– | –"
             if posterior == "ar1":  # the same model and optimizer, fed the original repository's way

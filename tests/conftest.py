@@ -40,14 +40,16 @@ def overfit(model, x, steps: int, lr: float):
     """Full-batch Adam on ``x``: the mean loss before and after ``steps`` updates."""
     import torch
 
+    from rhovae.objectives import batch_loss
+
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     with torch.no_grad():
-        start = float(model(x).loss.mean())
+        start = float(batch_loss(model, x))
     for _ in range(steps):
-        loss = model(x).loss.mean()
+        loss = batch_loss(model, x)
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        end = float(model(x).loss.mean())
+        end = float(batch_loss(model, x))
     return start, end

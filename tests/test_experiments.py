@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from rhovae.cli import main
+from rhovae.config import RunConfig
 from rhovae.distributions import AR1Normal
-from rhovae.distributions.legacy import PaperLegacyAR1, paper_legacy_kl_total
 from rhovae.errors import RhovaeError
 from rhovae.experiments import Experiment, compare, load_experiment, paired_difference
+from rhovae.legacy import PaperLegacyAR1, paper_legacy_kl_total
 from rhovae.model import ModelConfig, build_model
 from rhovae.objectives import Objective
 
@@ -185,7 +186,7 @@ def test_legacy_objective_and_head_only_in_training():
     q = model.posterior(x)
     assert type(q) is AR1Normal  # evaluation is exact
     with pytest.raises(RhovaeError, match="paper-legacy"):
-        build_model(ModelConfig(posterior="iaf", kl_estimator="paper-legacy"), (1, 4, 4))
+        RunConfig(posterior="iaf", kl_estimator="paper-legacy").validate()
 
 
 def test_legacy_runs_are_labelled_in_every_output(idx_dir, tmp_path, capsys):

@@ -29,10 +29,12 @@ def test_shapes_loss_and_gradients(model, posterior, shape):
     vae = build_model(ModelConfig(model=model, posterior=posterior, latent_dim=4, hidden=32), shape)
     x = torch.rand(5, *shape)
     out = vae(x)
-    assert out.loss.shape == (5,) and out.z.shape == (5, 4) and torch.isfinite(out.loss).all()
+    loss = out.recon + out.kl
+    assert loss.shape == (5,) and out.z.shape == (5, 4) and torch.isfinite(loss).all()
     assert vae.decoder(out.z).shape == (5, *shape)
-    assert vae.reconstruct(x).shape == (5, *shape) and vae.sample_images(3, seed=0).shape == (3, *shape)
-    out.loss.mean().backward()
+    assert vae.decode(out.z).event_shape == shape and vae.decode(out.z).batch_shape == (5,)
+    assert vae.reconstruct(x).shape == (5, *shape) and vae.sample(3, seed=0).shape == (3, *shape)
+    loss.mean().backward()
     for name, p in vae.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         # a fresh IAF's gradient reaches its zero-initialised output layers first, not the layers before

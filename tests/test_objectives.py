@@ -10,7 +10,8 @@ from rhovae.config import RunConfig
 from rhovae.errors import RhovaeError
 from rhovae.model import ModelConfig, build_model
 from rhovae.objectives import Objective, mmd
-from rhovae.train import load_checkpoint, train
+from rhovae.runs import load_checkpoint
+from rhovae.train import train
 
 
 def mmd_reference(x, y, kernel, unbiased):
@@ -59,7 +60,7 @@ def test_mmd_bad_input():
     with pytest.raises(RhovaeError, match="at least two samples"):
         mmd(torch.zeros(1, 2), torch.zeros(3, 2))
     with pytest.raises(RhovaeError, match="unknown objective"):
-        Objective(kind="wae")
+        RunConfig(objective="wae").validate()  # settings are validated where they enter
 
 
 def test_infovae_objective_is_the_stated_combination():
@@ -101,7 +102,7 @@ def test_model_defaults_resolve_and_are_recorded(idx_dir, tmp_path):
     )
     train(RunConfig(model="betavae", **common), run, progress=False)
     ckpt = load_checkpoint(run / "last.pt")
-    assert ckpt["config"]["beta"] == 4.0 and ckpt["image_shape"] == [1, 64, 64]  # resized on loading
+    assert ckpt["config"]["beta"] == 4.0 and ckpt["data_shape"] == [1, 64, 64]  # resized on loading
     run = tmp_path / "info"
     train(RunConfig(model="infovae", info_lambda=100.0, **common), run, progress=False)
     with open(run / "metrics.csv") as f:

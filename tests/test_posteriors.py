@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
+from rhovae.config import RunConfig
 from rhovae.distributions import AR1Normal
 from rhovae.errors import RhovaeError
 from rhovae.posteriors import HEADS, AR1GaussianHead, DiagonalGaussianHead, FullCovGaussianHead, make_head
@@ -95,5 +96,5 @@ def test_full_head_covariance_is_lower_cholesky():
 def test_unknown_name_and_bad_sizes_raise_project_error():
     with pytest.raises(RhovaeError, match="unknown posterior 'ar2'.*ar1"):
         make_head("ar2", H, D)
-    with pytest.raises(RhovaeError, match="latent_dim=0"):
-        make_head("ar1", H, 0)
+    with pytest.raises(RhovaeError, match="latent-dim must be positive, got 0"):
+        RunConfig(latent_dim=0).validate()  # sizes are validated once, where settings enter

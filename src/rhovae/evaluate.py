@@ -1,99 +1,103 @@
 """Evaluation: negative ELBO and its terms, IWAE NLL, active units, and posterior statistics.
 
-All figures are per sample (nats), averaged over a split; the model runs in eval mode so no
-batch statistics leak into the numbers.
+All figures are per sample (nats), averaged over a split; the model runs in eval mode so no batch
+statistics leak into the numbers.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from rhovae.data import batches
+from rhovae.errors import RhovaeError
+from rhovae.hierarchy import active_units_per_group
 from rhovae.model import VAE
+from rhovae.objectives import Objective
+from rhovae.posteriors import posterior_statistics
+from rhovae.runs import eval_mode, load_run, prepare_data, write_text_atomic
 
-__all__ = ["active_units", "elbo_terms", "iwae_nll", "posterior_statistics"]
-
-
-@contextmanager
-def _eval_mode(model: VAE):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+__all__ = [
+    "active_units",
+    "elbo_terms",
+    "evaluate_run",
+    "iwae_nll",
+    "posterior_summary",
+    "write_evaluation",
+]
 
 
 @torch.no_grad()
-def elbo_terms(model: VAE, x: Tensor, batch_size: int = 1000, objective=None) -> dict[str, float]:
-    """Mean objective (default: the ELBO's ``recon + KL``), reconstruction and KL over ``x`` (one z per
-    image), the objective's extra terms (e.g. ``mmd``), and mean |rho| where q has a rho."""
-    from rhovae.objectives import Objective
-
+def elbo_terms(model: VAE, x, batch_size: int = 1000, objective: Objective | None = None) -> dict[str, float]:
+    """Mean objective (default: the ELBO's ``recon + KL``), reconstruction and KL over the split ``x``
+    (one z per example), the objective's extra terms (e.g. ``mmd``), and mean |rho| where the posterior
+    family reports a rho (:func:`~rhovae.posteriors.posterior_statistics`)."""
     objective = objective or Objective()
-    sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
-    rho_abs, n = 0.0, 0
-    has_rho = False
-    with _eval_mode(model):
+    sums: dict[str, Tensor] = {}
+    n = 0
+
+    def add(name: str, value: Tensor) -> None:
+        sums[name] = sums[name] + value.double() if name in sums else value.double()
+
+    with eval_mode(model):
         for xb in batches(x, batch_size):
             out = model(xb)
             loss, extras = objective(out, model)
-            sums["loss"] += float(loss) * len(xb)
+            add("loss", loss * len(xb))
+            add("recon", out.recon.sum())
+            add("kl", out.kl.sum())
             for key, value in extras.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * len(xb)
-            sums["recon"] += float(out.recon.sum())
-            sums["kl"] += float(out.kl.sum())
-            rho = getattr(out.q, "rho", None)  # AR(1) posteriors report their correlation
+                add(key, value * len(xb))
+            rho = posterior_statistics(out.q).get("rho")
             if rho is not None:
-                has_rho = True
-                rho_abs += float(rho.abs().sum())
+                add("mean_abs_rho", rho.abs().sum())
             n += len(xb)
-    result = {k: v / n for k, v in sums.items()}
-    if has_rho:
-        result["mean_abs_rho"] = rho_abs / n
+    names = list(sums)
+    values = (torch.stack([sums[k] for k in names]) / max(n, 1)).tolist()
+    return dict(zip(names, values, strict=True))
+
+
+@torch.no_grad()
+def iwae_nll(model: VAE, x, k: int, batch_size: int = 100) -> dict[str, float]:
+    """``-log p(x)`` estimated by the k-sample importance-weighted bound: mean and standard error."""
+    values = []
+    with eval_mode(model):
+        for xb in batches(x, batch_size):
+            values.append(-model.iwae_bound(xb, k))
+    v = torch.cat(values)
+    se = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {"iwae_nll": float(v.mean()), "iwae_nll_se": se, "iwae_k": k}
+
+
+@torch.no_grad()
+def active_units(model: VAE, x, threshold: float = 0.01, batch_size: int = 1000) -> dict[str, Any]:
+    """Burda et al. (2016): unit u is active when ``Cov_x(E_q[z_u | x]) > threshold``."""
+    with eval_mode(model):
+        means = torch.cat([model.posterior(xb).mean for xb in batches(x, batch_size)])
+    variance = means.var(dim=0)
+    result: dict[str, Any] = {
+        "active_units": int((variance > threshold).sum()),
+        "active_unit_variances": [round(float(v), 6) for v in variance],
+    }
+    sizes = getattr(model.head, "group_sizes", None)
+    if sizes:  # latent hierarchies
+        result["active_units_per_group"] = active_units_per_group(variance, list(sizes), threshold)
     return result
 
 
 @torch.no_grad()
-def iwae_nll(model: VAE, x: Tensor, k: int, batch_size: int = 100) -> dict[str, float]:
-    """``-log p(x)`` estimated by the k-sample importance-weighted bound: mean and standard error."""
-    values = []
-    with _eval_mode(model):
+def posterior_summary(model: VAE, x, batch_size: int = 1000) -> dict[str, Any]:
+    """Quantiles over ``x`` of every statistic the posterior family reports (AR(1): rho and s)."""
+    collected: dict[str, list[Tensor]] = {}
+    with eval_mode(model):
         for xb in batches(x, batch_size):
-            values.append(-model.iwae_bound(xb, k))
-    v = torch.cat(values)
-    return {"iwae_nll": float(v.mean()), "iwae_nll_se": float(v.std() / math.sqrt(len(v))), "iwae_k": k}
-
-
-@torch.no_grad()
-def active_units(model: VAE, x: Tensor, threshold: float = 0.01, batch_size: int = 1000) -> dict[str, Any]:
-    """Burda et al. (2016): unit u is active when ``Cov_x(E_q[z_u | x]) > threshold``."""
-    with _eval_mode(model):
-        means = torch.cat([model.posterior(xb).mean for xb in batches(x, batch_size)])
-    variance = means.var(dim=0)
-    return {
-        "active_units": int((variance > threshold).sum()),
-        "active_unit_variances": [round(float(v), 6) for v in variance],
-    }
-
-
-@torch.no_grad()
-def posterior_statistics(model: VAE, x: Tensor, batch_size: int = 1000) -> dict[str, Any]:
-    """Quantiles of rho and of s (the variance scale) over ``x``, for posteriors that carry them."""
-    rhos, scales = [], []
-    with _eval_mode(model):
-        for xb in batches(x, batch_size):
-            q = model.posterior(xb)
-            if getattr(q, "rho", None) is None:
-                return {}
-            rhos.append(q.rho.reshape(len(xb), -1)[:, 0])
-            scales.append(q.scale.pow(2).reshape(len(xb), -1))
-    rho, s = torch.cat(rhos).double(), torch.cat(scales).double().flatten()
+            for name, value in posterior_statistics(model.posterior(xb)).items():
+                collected.setdefault(name, []).append(value.reshape(-1).double())
     probs = torch.tensor([0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99], dtype=torch.float64)
 
     def summary(t: Tensor) -> dict[str, float]:
@@ -102,49 +106,74 @@ def posterior_statistics(model: VAE, x: Tensor, batch_size: int = 1000) -> dict[
         out.update({f"q{int(p * 100):02d}": float(v) for p, v in zip(probs, qs, strict=True)})
         return out
 
-    return {"rho": summary(rho), "s": summary(s), "mean_abs_rho": float(rho.abs().mean())}
+    result: dict[str, Any] = {name: summary(torch.cat(v)) for name, v in collected.items()}
+    if "rho" in collected:
+        result["mean_abs_rho"] = float(torch.cat(collected["rho"]).abs().mean())
+    return result
 
 
 def evaluate_run(
     run_dir, iwae_k: int = 1000, checkpoint: str = "best", limit: int = 0, device: str = "auto", seed: int = 0
 ) -> dict[str, Any]:
-    """Evaluate a run folder on its test split and write ``evaluation.json``; returns the record.
+    """Evaluate a run folder on its test split; returns the record (:func:`write_evaluation` saves it).
 
-    Test negative ELBO and its terms, the IWAE NLL with ``iwae_k`` samples, active units and, for
-    posteriors with a rho, its distribution. ``limit > 0`` evaluates the first ``limit`` test images.
+    Test negative ELBO and its terms, the IWAE NLL with ``iwae_k`` samples, active units and the
+    posterior family's statistics. ``limit > 0`` evaluates the first ``limit`` test examples.
     """
-    import json
-    from pathlib import Path
-
-    from rhovae.errors import RhovaeError
-    from rhovae.train import load_run, prepare_data
-
     if iwae_k < 1:
         raise RhovaeError(f"--iwae-k must be positive, got {iwae_k}")
+    if limit < 0:
+        raise RhovaeError(f"--limit must be >= 0, got {limit}")
     run_dir = Path(run_dir)
     model, cfg, ckpt = load_run(run_dir, checkpoint, device)
-    dev = next(model.parameters()).device
-    x = prepare_data(cfg, dev).test
-    x = x[:limit] if limit > 0 else x
+    dev = model.device
+    data = prepare_data(cfg, dev)
+    x = data.test
+    x = x[: min(limit, len(x))] if limit > 0 else x
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         terms = elbo_terms(model, x)
-        result = {
+        extra = sequence_evaluation(model, x, data, seed) if "vocab" in data.meta else {}
+        return {
+            **extra,
             "run": str(run_dir),
             "checkpoint": checkpoint,
             "epoch": ckpt["epoch"],
             "dataset": cfg.dataset,
             "posterior": cfg.posterior,
+            "likelihood": cfg.likelihood,
             "test_images": len(x),
             "test_neg_elbo": terms["recon"] + terms["kl"],
             "test_recon": terms["recon"],
             "test_kl": terms["kl"],
             **iwae_nll(model, x, iwae_k),
             **active_units(model, x),
-            "posterior_statistics": posterior_statistics(model, x),
+            "posterior_statistics": posterior_summary(model, x),
             "parameters": sum(p.numel() for p in model.parameters()),
             "seed": seed,
             "config": cfg.to_dict(),
         }
-    (run_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+
+
+@torch.no_grad()
+def sequence_evaluation(model: VAE, x, data, seed: int = 0, n_samples: int = 1000) -> dict[str, float]:
+    """What sequence-VAE papers report: reconstruction accuracy (whole sequence and per token, greedy
+    decode at the posterior mean) and, for ``n_samples`` prior samples (greedy decode of z ~ p(z)),
+    validity under the set's rule, uniqueness and novelty against the training split
+    (:func:`rhovae.sequences.sequence_metrics`)."""
+    from rhovae.sequences import SequenceVocab, sequence_metrics
+
+    vocab = SequenceVocab.from_dict(data.meta["vocab"])
+    with eval_mode(model):
+        recon = torch.cat([model.reconstruct(xb) for xb in batches(x, 1000)])
+        samples = model.sample(n_samples, seed=seed)
+    inputs = torch.cat(list(batches(x, 1000)))
+    train = torch.cat(list(batches(data.train, 10000)))
+    return sequence_metrics(recon.cpu(), inputs.cpu(), samples.cpu(), train.cpu(), vocab)
+
+
+def write_evaluation(run_dir, record: dict[str, Any]) -> Path:
+    """Write ``record`` as ``RUN/evaluation.json`` atomically; returns the path."""
+    path = Path(run_dir) / "evaluation.json"
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+    return path

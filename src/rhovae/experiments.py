@@ -49,7 +49,14 @@ log = logging.getLogger(__name__)
 
 __all__ = ["PRESETS", "Experiment", "compare", "load_experiment", "paired_difference", "write_report"]
 
-PRESETS = ("quick", "paper", "families")
+# every TOML file shipped in rhovae/presets is a preset: adding one is adding a file
+PRESETS = tuple(
+    sorted(
+        f.name[: -len(".toml")]
+        for f in resources.files("rhovae.presets").iterdir()
+        if f.name.endswith(".toml")
+    )
+)
 METRICS = ["test_neg_elbo", "iwae_nll", "test_recon", "test_kl", "active_units", "epoch_seconds"]
 METRIC_NAMES = {
     "test_neg_elbo": "test −ELBO",
@@ -126,9 +133,13 @@ def load_experiment(source: str | Path) -> Experiment:
     else:
         path = Path(source)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise RhovaeError(f"{path}: no such experiment file (presets: {', '.join(PRESETS)})") from None
+        except IsADirectoryError:
+            raise RhovaeError(f"{path}: is a folder; give an experiment TOML file") from None
+        except UnicodeDecodeError:
+            raise RhovaeError(f"{path}: not UTF-8 text; an experiment is a TOML file") from None
         where = str(path)
     try:
         raw = tomllib.loads(text)
@@ -177,7 +188,7 @@ def run_one(run_id: str, cfg_dict: dict, run_dir: str, iwae_k: int, iwae_limit: 
     """Train (or resume) and evaluate one run; a no-op for a finished one. Returns what it did."""
     import torch
 
-    from rhovae.evaluate import evaluate_run
+    from rhovae.evaluate import evaluate_run, write_evaluation
     from rhovae.train import train
 
     if threads:
@@ -188,7 +199,7 @@ def run_one(run_id: str, cfg_dict: dict, run_dir: str, iwae_k: int, iwae_limit: 
         return "done before"
     resume = (path / "last.pt").exists()
     train(cfg, path, resume=resume, progress=False)
-    evaluate_run(path, iwae_k=iwae_k, limit=iwae_limit, device=cfg.device)
+    write_evaluation(path, evaluate_run(path, iwae_k=iwae_k, limit=iwae_limit, device=cfg.device))
     return "resumed" if resume else "trained"
 
 

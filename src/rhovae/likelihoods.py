@@ -1,7 +1,14 @@
-"""Observation models ``p(x | z)`` on the decoder's output, per sample in nats.
+"""Observation models ``p(x | z)``: modules that turn the decoder's output into a Distribution over x.
 
-``log_prob(x, out)`` returns ``(B,)``: the log-likelihood summed over every pixel of each image.
-``mean(out)`` is the image a person looks at.
+A likelihood is called on the decoder's output ``params (N, *data_shape)`` and returns a
+``torch.distributions.Distribution`` with batch shape ``(N,)`` and event shape ``data_shape``, so
+``log_prob(x)`` is ``(N,)`` in nats (summed over every event dimension, whatever their number) and
+``mean`` is what a person looks at. A decoder may also return a Distribution over x itself (the
+sequence decoders do: an autoregressive p(x|z)); the VAE then uses it as it is.
+
+Which number is which: ``bernoulli`` on grey levels in [0, 1] (the paper's protocol) is the binary
+cross-entropy, **not a normalised density** over [0, 1]; ``continuous-bernoulli`` (Loaiza-Ganem &
+Cunningham 2019) is, and so is ``gaussian``. Reports name the likelihood next to every number.
 """
 
 from __future__ import annotations
@@ -9,51 +16,83 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributions import Bernoulli, ContinuousBernoulli, Distribution, Independent, Normal
 
-from rhovae.errors import RhovaeError
-
-__all__ = ["LIKELIHOODS", "BernoulliLikelihood", "GaussianLikelihood", "make_likelihood"]
-
-
-class BernoulliLikelihood(nn.Module):
-    """Bernoulli from logits: ``log p(x|z) = -BCE_with_logits(out, x)`` summed over pixels.
-
-    Never BCE on a sigmoid output (the seed's NaN on Fashion-MNIST: log(0) when the sigmoid saturates).
-    For continuous x in [0, 1] (the paper's protocol) this is the cross-entropy the paper reports, not
-    a normalised density.
-    """
-
-    def log_prob(self, x: Tensor, out: Tensor) -> Tensor:
-        nll = F.binary_cross_entropy_with_logits(out, x, reduction="none")
-        return -nll.flatten(1).sum(-1)
-
-    def mean(self, out: Tensor) -> Tensor:
-        return torch.sigmoid(out)
+__all__ = [
+    "LIKELIHOODS",
+    "BernoulliLikelihood",
+    "ContinuousBernoulliLikelihood",
+    "GaussianLikelihood",
+    "GaussianPerFeatureLikelihood",
+    "make_likelihood",
+]
 
 
-class GaussianLikelihood(nn.Module):
-    """``N(x; sigmoid(out), sigma^2)`` per pixel with one learned ``log sigma`` (initially log 0.1)."""
+class _Likelihood(nn.Module):
+    """Common shape handling: the event is the data's shape ``data_shape``."""
 
-    def __init__(self, init_std: float = 0.1) -> None:
+    #: True when x must lie in [0, 1] (the data loader checks it at the edge)
+    unit_interval: bool = False
+    #: True when ``log_prob`` is a normalised density (or mass) over the data's space
+    normalised: bool = True
+
+    def __init__(self, data_shape: tuple[int, ...]) -> None:
         super().__init__()
-        self.log_std = nn.Parameter(torch.tensor(math.log(init_std)))
+        self.data_shape = tuple(data_shape)
 
-    def log_prob(self, x: Tensor, out: Tensor) -> Tensor:
-        mean = torch.sigmoid(out)
-        z = (x - mean) * torch.exp(-self.log_std)
-        lp = -0.5 * z.pow(2) - self.log_std - 0.5 * math.log(2 * math.pi)
-        return lp.flatten(1).sum(-1)
-
-    def mean(self, out: Tensor) -> Tensor:
-        return torch.sigmoid(out)
+    def _independent(self, base: Distribution) -> Distribution:
+        return Independent(base, len(self.data_shape), validate_args=False)
 
 
-LIKELIHOODS = {"bernoulli": BernoulliLikelihood, "gaussian": GaussianLikelihood}
+class BernoulliLikelihood(_Likelihood):
+    """``Bernoulli(logits = params)`` per element: exact for binary x, the paper's cross-entropy for
+    grey levels (not normalised there). Never BCE on a sigmoid output (log 0 when it saturates)."""
+
+    unit_interval = True
+
+    def forward(self, params: Tensor) -> Distribution:
+        return self._independent(Bernoulli(logits=params, validate_args=False))
 
 
-def make_likelihood(name: str) -> nn.Module:
-    if name not in LIKELIHOODS:
-        raise RhovaeError(f"unknown likelihood {name!r}; choose one of: {', '.join(sorted(LIKELIHOODS))}")
-    return LIKELIHOODS[name]()
+class ContinuousBernoulliLikelihood(_Likelihood):
+    """``ContinuousBernoulli(logits = params)``: the normalised density for x in [0, 1]."""
+
+    unit_interval = True
+
+    def forward(self, params: Tensor) -> Distribution:
+        return self._independent(ContinuousBernoulli(logits=params, validate_args=False))
+
+
+class GaussianLikelihood(_Likelihood):
+    """``N(x; params, sigma^2)``: the decoder gives the mean; ``log sigma`` is learned, one for all
+    elements (``per_feature=False``) or one per element of the data shape. Starts at sigma = 0.1."""
+
+    def __init__(self, data_shape: tuple[int, ...], per_feature: bool = False, init_std: float = 0.1) -> None:
+        super().__init__(data_shape)
+        shape = self.data_shape if per_feature else ()
+        self.log_std = nn.Parameter(torch.full(shape, math.log(init_std)))
+
+    def forward(self, params: Tensor) -> Distribution:
+        std = self.log_std.exp().expand_as(params)
+        return self._independent(Normal(params, std, validate_args=False))
+
+
+class GaussianPerFeatureLikelihood(GaussianLikelihood):
+    """:class:`GaussianLikelihood` with one learned ``log sigma`` per element of the data shape."""
+
+    def __init__(self, data_shape: tuple[int, ...], init_std: float = 0.1) -> None:
+        super().__init__(data_shape, per_feature=True, init_std=init_std)
+
+
+LIKELIHOODS: dict[str, type[_Likelihood]] = {
+    "bernoulli": BernoulliLikelihood,
+    "continuous-bernoulli": ContinuousBernoulliLikelihood,
+    "gaussian": GaussianLikelihood,
+    "gaussian-per-feature": GaussianPerFeatureLikelihood,
+}
+
+
+def make_likelihood(name: str, data_shape: tuple[int, ...]) -> nn.Module:
+    """The likelihood module ``name`` for data of shape ``data_shape`` (the name is checked by the config)."""
+    return LIKELIHOODS[name](data_shape)

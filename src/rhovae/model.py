@@ -1,22 +1,31 @@
-"""The VAE: encoder net -> posterior head -> q(z|x) -> z -> decoder net -> likelihood, plus a prior.
+"""The VAE: encoder net -> posterior head -> q(z|x) -> z -> decoder net -> likelihood p(x|z), plus a prior.
 
 Every model in rhovae is this one class with different parts plugged in. It never asks which
 posterior family it holds: the KL comes from ``kl_divergence`` where a closed form is registered,
-otherwise from the single-sample Monte-Carlo estimate ``log q(z) - log p(z)``.
+otherwise from the single-sample Monte-Carlo estimate ``log q(z) - log p(z)``. The loss a step
+minimises is defined once, in :mod:`rhovae.objectives`; the model only supplies the per-sample terms.
+
+Inputs: public methods (``encode``, ``elbo``, ``log_likelihood``, ``reconstruct``) accept the data in
+its own raw form (uint8 images of the size the run was trained at, arrays, PIL images) when the model
+carries its training ``preprocessing`` (``rhovae.load`` and ``rhovae.fit`` attach it), and prepared
+float tensors ``(B, *data_shape)`` always.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, kl_divergence
 
 from rhovae.errors import RhovaeError
-from rhovae.likelihoods import make_likelihood
+from rhovae.hierarchy import build_hierarchy
+from rhovae.legacy import ESTIMATORS, PaperLegacyAR1Head
+from rhovae.likelihoods import LIKELIHOODS, make_likelihood
 from rhovae.nets import (
     BurgessDecoder,
     BurgessEncoder,
@@ -27,8 +36,8 @@ from rhovae.nets import (
     MLPDecoder,
     MLPEncoder,
 )
-from rhovae.posteriors import make_head
-from rhovae.priors import make_prior
+from rhovae.posteriors import make_head, posterior_names
+from rhovae.priors import PRIORS, make_prior
 
 __all__ = ["MODELS", "VAE", "Backbone", "ModelConfig", "VAEOutput", "build_model", "kl_term"]
 
@@ -37,11 +46,10 @@ __all__ = ["MODELS", "VAE", "Backbone", "ModelConfig", "VAEOutput", "build_model
 class VAEOutput:
     """Per-sample terms of one pass, each ``(B,)`` in nats, and the sample ``z (B, d)``.
 
-    ``loss = recon + beta * kl`` where ``recon = -log p(x|z)``. ``kl_exact`` says whether ``kl`` is
-    the closed form (True) or a one-sample Monte-Carlo estimate.
+    ``recon = -log p(x|z)``; ``kl`` is the closed form when ``kl_exact`` is True, else a one-sample
+    Monte-Carlo estimate. The loss built from them is :class:`rhovae.objectives.Objective`'s.
     """
 
-    loss: Tensor
     recon: Tensor
     kl: Tensor
     z: Tensor
@@ -58,48 +66,109 @@ def kl_term(q: Distribution, p: Distribution, z: Tensor) -> tuple[Tensor, bool]:
 
 
 class VAE(nn.Module):
-    """``VAE(encoder, head, decoder, likelihood, prior)``.
+    """``VAE(encoder, head, decoder, likelihood, prior)``: any parts, one path.
 
     Args:
-        encoder: ``(B, C, H, W) -> (B, F)`` features.
-        head: ``(B, F) -> q(z|x)``, a Distribution with event shape ``(d,)``.
-        decoder: ``(..., d) -> (..., C, H, W)``, the likelihood's parameters.
-        likelihood: ``log_prob(x, out) -> (B,)`` and ``mean(out)``.
+        encoder: ``(B, *data_shape) -> (B, F)`` features.
+        head: ``(B, F) -> q(z|x)``, a Distribution with event shape ``(d,)`` (:mod:`rhovae.posteriors`).
+        decoder: ``(N, d) -> params (N, ...)``, or ``-> p(x|z)`` as a Distribution (sequence decoders).
+        likelihood: ``params -> p(x|z)``, a Distribution with batch shape ``(N,)`` and event shape
+            ``data_shape`` (:mod:`rhovae.likelihoods`).
         prior: a module whose ``forward()`` returns ``p(z)``.
+        preprocessing: optional callable turning raw inputs into ``(B, *data_shape)`` floats, as in
+            training (set by ``rhovae.fit`` and ``rhovae.load``).
+
+    Example::
+
+        vae = build_model(ModelConfig(posterior="ar1"), (1, 28, 28))
+        q = vae.encode(x)                 # AR1Normal, batch (B,), event (10,)
+        px = vae.decode(q.rsample())      # Independent(Bernoulli), event (1, 28, 28)
+        vae.elbo(x), vae.log_likelihood(x, k=1000)
     """
 
     def __init__(
-        self, encoder: nn.Module, head: nn.Module, decoder: nn.Module, likelihood: nn.Module, prior: nn.Module
+        self,
+        encoder: nn.Module,
+        head: nn.Module,
+        decoder: nn.Module,
+        likelihood: nn.Module,
+        prior: nn.Module,
+        preprocessing: Callable[..., Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.encoder, self.head, self.decoder = encoder, head, decoder
         self.likelihood, self.prior = likelihood, prior
+        self.preprocessing = preprocessing
 
     @property
     def latent_dim(self) -> int:
         return self.head.latent_dim
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # --- inputs ---------------------------------------------------------------------------------------
+
+    def prepare(self, x: Any) -> Tensor:
+        """``x`` as the model takes it, ``(B, *data_shape)`` float on the model's device.
+
+        A float tensor of that shape is taken as already prepared; anything else (uint8 images, arrays,
+        PIL images, other sizes) goes through the training ``preprocessing``.
+        """
+        shape = getattr(self.preprocessing, "data_shape", None)
+        if isinstance(x, Tensor) and x.is_floating_point() and (shape is None or x.shape[1:] == shape):
+            return x.to(self.device)
+        if self.preprocessing is None:
+            raise RhovaeError(
+                "this model has no preprocessing attached: pass float tensors (B, *data_shape), or load "
+                "it with rhovae.load(run_dir)"
+            )
+        return self.preprocessing(x, device=self.device)
+
+    # --- the path -------------------------------------------------------------------------------------
+
     def posterior(self, x: Tensor) -> Distribution:
+        """``q(z|x)`` for prepared inputs ``x (B, *data_shape)``."""
         return self.head(self.encoder(x))
 
-    def forward(self, x: Tensor, beta: float = 1.0) -> VAEOutput:
+    def encode(self, x: Any) -> Distribution:
+        """``q(z|x)``, batch shape ``(B,)``, event shape ``(d,)``; raw inputs are prepared first."""
+        return self.posterior(self.prepare(x))
+
+    def decode(self, z: Tensor) -> Distribution:
+        """``p(x|z)`` for ``z (N, d)``: batch shape ``(N,)``, event shape ``data_shape``."""
+        out = self.decoder(z)
+        return out if isinstance(out, Distribution) else self.likelihood(out)
+
+    def forward(self, x: Tensor) -> VAEOutput:
+        """One pass with one ``z ~ q(z|x)`` per input; ``x`` prepared, ``(B, *data_shape)``."""
         q = self.posterior(x)
         z = q.rsample()
-        recon = -self.likelihood.log_prob(x, self.decoder(z))
+        recon = -self.decode(z).log_prob(x)
         kl, exact = kl_term(q, self.prior(), z)
-        return VAEOutput(recon + beta * kl, recon, kl, z, q, exact)
+        return VAEOutput(recon, kl, z, q, exact)
 
-    def elbo(self, x: Tensor) -> Tensor:
-        """A one-sample estimate of the ELBO, ``(B,)`` (exact in the KL where a closed form exists)."""
-        out = self(x)
+    # --- what users ask of a trained model ------------------------------------------------------------
+
+    @torch.no_grad()
+    def elbo(self, x: Any) -> Tensor:
+        """A one-sample estimate of the ELBO per input, ``(B,)`` nats (KL exact where a closed form
+        exists)."""
+        out = self(self.prepare(x))
         return -(out.recon + out.kl)
+
+    @torch.no_grad()
+    def log_likelihood(self, x: Any, k: int = 1000) -> Tensor:
+        """``log p(x)`` estimated by the k-sample importance-weighted bound, ``(B,)`` nats."""
+        return self.iwae_bound(self.prepare(x), k)
 
     @torch.no_grad()
     def iwae_bound(self, x: Tensor, k: int, max_decoded: int = 32768) -> Tensor:
         """Importance-weighted bound ``log (1/k) sum_i p(x, z_i) / q(z_i|x)``, ``(B,)``, z_i ~ q.
 
         Tends to ``log p(x)`` as k grows; at k = 1 it is the ELBO. Samples are drawn in chunks so that
-        at most ``max_decoded`` images pass the decoder at once (k = 5000 fits in memory), and the
+        at most ``max_decoded`` inputs pass the decoder at once (k = 5000 fits in memory), and the
         log-mean-exp is accumulated as a running log-sum-exp.
         """
         if k < 1:
@@ -113,77 +182,180 @@ class VAE(nn.Module):
         while done < k:
             m = min(chunk, k - done)
             z = q.sample((m,))  # (m, B, d)
-            out = self.decoder(z.reshape(m * batch, -1))
             x_rep = x.unsqueeze(0).expand((m,) + x.shape).reshape((m * batch,) + x.shape[1:])
-            log_px_z = self.likelihood.log_prob(x_rep, out).view(m, batch)
+            log_px_z = self.decode(z.reshape(m * batch, -1)).log_prob(x_rep).view(m, batch)
             log_w = log_px_z + p.log_prob(z) - q.log_prob(z)
             total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
             done += m
         return total - math.log(k)
 
     @torch.no_grad()
-    def sample_images(self, n: int, seed: int | None = None) -> Tensor:
-        """Means of ``p(x|z)`` for ``n`` draws ``z ~ p(z)``, ``(n, C, H, W)``.
+    def sample(self, n: int, seed: int | None = None) -> Tensor:
+        """Means of ``p(x|z)`` for ``n`` draws ``z ~ p(z)``, ``(n, *data_shape)``.
 
         With ``seed`` the draw is reproducible and leaves the global random state untouched.
         """
         p = self.prior()
         if seed is None:
-            return self.likelihood.mean(self.decoder(p.sample((n,))))
-        device = p.mean.device
+            return self.decode(p.sample((n,))).mean
+        device = self.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             z = p.sample((n,))
-        return self.likelihood.mean(self.decoder(z))
+        return self.decode(z).mean
 
     @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Decoder means at the posterior means, ``(B, C, H, W)``."""
-        return self.likelihood.mean(self.decoder(self.posterior(x).mean))
+    def reconstruct(self, x: Any) -> Tensor:
+        """Means of ``p(x|z)`` at the posterior means, ``(B, *data_shape)``."""
+        return self.decode(self.encode(x).mean).mean
+
+
+def _help(text: str, choices: Callable[[], list[str]] | None = None) -> dict[str, Any]:
+    """Field metadata the CLI builds its flags from: help text and, where fixed, the valid names."""
+    return {"help": text, "choices": choices}
 
 
 @dataclass
 class ModelConfig:
     """What ``build_model`` needs; part of every run's saved config."""
 
-    model: str = "mlp"
-    posterior: str = "ar1"
-    prior: str = "standard"
-    likelihood: str = "bernoulli"
-    latent_dim: int = 10
-    hidden: int = 400
-    flow_steps: int = 4  # for flow posteriors (planar, iaf, BASE+FLOW)
-    kl_estimator: str = "exact"  # or "paper-legacy": the reference code's sampler and KL (not an ELBO)
+    model: str = field(
+        default="mlp",
+        metadata=_help(
+            "encoder/decoder backbone: mlp (the paper's MLP, vectors or images), cnn (the paper's two-conv "
+            "CNN), betavae (Burgess et al. convs on 64x64 inputs, beta 4), infovae (DCGAN with the InfoVAE "
+            "objective), lstm (sequences: a bidirectional LSTM encoder and the notes' autoregressive LSTM "
+            "decoder); 'custom' marks runs of rhovae.fit with your own networks",
+            lambda: sorted(MODELS),
+        ),
+    )
+    posterior: str = field(
+        default="ar1",
+        metadata=_help(
+            "posterior family: diagonal, ar1 (the paper's 2-scalar AR(1)), ar1-diag (AR(1) with "
+            "per-dimension scales), full (full covariance), planar or iaf (flows on the diagonal base), "
+            "or BASE+FLOW such as ar1+iaf",
+            posterior_names,
+        ),
+    )
+    prior: str = field(
+        default="standard",
+        metadata=_help(
+            "prior p(z): standard (N(0, I)), ar1 (a learned AR(1) Gaussian) or made (a learned Gaussian "
+            "autoregressive prior from a MADE); with latent groups, the prior of the top group",
+            lambda: sorted(PRIORS),
+        ),
+    )
+    likelihood: str = field(
+        default="bernoulli",
+        metadata=_help(
+            "p(x|z): bernoulli (logits; on grey levels the paper's cross-entropy, not a density), "
+            "continuous-bernoulli (the normalised density on [0, 1]), gaussian (learned sigma) or "
+            "gaussian-per-feature (a learned sigma per pixel/feature)",
+            lambda: sorted(LIKELIHOODS),
+        ),
+    )
+    latent_dim: int = field(default=10, metadata=_help("size d of the latent vector"))
+    hidden: int = field(
+        default=400,
+        metadata=_help(
+            "features the mlp and cnn backbones hand to the posterior head (betavae: 256, infovae: 1024)"
+        ),
+    )
+    flow_steps: int = field(default=4, metadata=_help("number of flow steps of planar/iaf posteriors"))
+    latent_groups: int = field(
+        default=1,
+        metadata=_help(
+            "hierarchy of latent groups z_0..z_(N-1) sharing a top-down path (ladder/NVAE style; "
+            "latent-dim split evenly, the first groups one larger); 1: the flat model"
+        ),
+    )
+    group_sizes: str = field(
+        default="",
+        metadata=_help(
+            "explicit group sizes as a comma list summing to latent-dim, e.g. '4,3,3' "
+            "(overrides latent-groups)"
+        ),
+    )
+    group_hidden: int = field(default=128, metadata=_help("width of the hierarchy's top-down path"))
+    rnn_cell: str = field(
+        default="lstm",
+        metadata=_help(
+            "the lstm model's encoder cell: lstm or gru (the decoder is an LSTM)", lambda: ["lstm", "gru"]
+        ),
+    )
+    word_dropout: float = field(
+        default=0.0,
+        metadata=_help(
+            "the lstm model: probability of hiding each teacher-forced input step in training (Bowman et "
+            "al. 2016; a remedy for posterior collapse)"
+        ),
+    )
+    kl_estimator: str = field(
+        default="exact",
+        metadata=_help(
+            "exact, or paper-legacy: train with the reference code's random-walk sampler and batch-mixed "
+            "KL (NOT an ELBO; for reproducing the published curves; evaluation stays exact)",
+            lambda: list(ESTIMATORS),
+        ),
+    )
 
 
 @dataclass(frozen=True)
 class Backbone:
     """A registered encoder/decoder pair and what it expects of the run.
 
-    ``input_size``: images are resized to (H, W) once, on the device, when loaded (None: as they come).
-    ``beta`` and ``objective``: the defaults a run of this model gets unless it sets its own.
+    ``build(cfg, data_shape, meta) -> (encoder, decoder)``; ``meta`` is what the data source says about
+    itself (e.g. a sequence set's vocabulary). ``input_size``: images are resized to (H, W) once,
+    on the device, when loaded (None: as they come). ``beta`` and ``objective``: the defaults a run of
+    this model gets unless it sets its own.
     """
 
-    build: Callable[[ModelConfig, tuple[int, int, int]], tuple[nn.Module, nn.Module]]
+    build: Callable[[ModelConfig, tuple[int, ...], dict[str, Any]], tuple[nn.Module, nn.Module]]
     input_size: tuple[int, int] | None = None
     beta: float = 1.0
     objective: str = "elbo"
 
 
-def _mlp(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
-    return MLPEncoder(image_shape, cfg.hidden), MLPDecoder(cfg.latent_dim, image_shape, cfg.hidden)
+def _image_shape(model: str, data_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(data_shape) != 3:
+        raise RhovaeError(
+            f"the {model} model takes images (C, H, W), got data of shape {tuple(data_shape)}; "
+            "use --model mlp for vectors"
+        )
+    return data_shape  # type: ignore[return-value]
 
 
-def _cnn(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
-    return ConvEncoder(image_shape, cfg.hidden), ConvDecoder(cfg.latent_dim, image_shape)
+def _mlp(cfg: ModelConfig, shape: tuple[int, ...], meta: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    return MLPEncoder(shape, cfg.hidden), MLPDecoder(cfg.latent_dim, shape, cfg.hidden)
 
 
-def _betavae(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
-    return BurgessEncoder(image_shape), BurgessDecoder(cfg.latent_dim, image_shape)
+def _cnn(cfg: ModelConfig, shape: tuple[int, ...], meta: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    shape = _image_shape("cnn", shape)
+    return ConvEncoder(shape, cfg.hidden), ConvDecoder(cfg.latent_dim, shape)
 
 
-def _infovae(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> tuple[nn.Module, nn.Module]:
-    return DCGANEncoder(image_shape), DCGANDecoder(cfg.latent_dim, image_shape)
+def _betavae(cfg: ModelConfig, shape: tuple[int, ...], meta: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    shape = _image_shape("betavae", shape)
+    return BurgessEncoder(shape), BurgessDecoder(cfg.latent_dim, shape)
+
+
+def _infovae(cfg: ModelConfig, shape: tuple[int, ...], meta: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    shape = _image_shape("infovae", shape)
+    return DCGANEncoder(shape), DCGANDecoder(cfg.latent_dim, shape)
+
+
+def _lstm(cfg: ModelConfig, shape: tuple[int, ...], meta: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    from rhovae.nets.lstm import LSTMDecoder, LSTMEncoder
+    from rhovae.sequences import SequenceVocab
+
+    if "vocab" not in meta or len(shape) != 2:
+        raise RhovaeError(
+            f"the lstm model takes sequence data (nas201, layers, words), got data of shape {tuple(shape)}"
+        )
+    vocab = SequenceVocab.from_dict(meta["vocab"])
+    encoder = LSTMEncoder(shape, cfg.hidden, cell=cfg.rnn_cell)
+    return encoder, LSTMDecoder(cfg.latent_dim, shape, vocab, cfg.hidden, cfg.word_dropout)
 
 
 MODELS: dict[str, Backbone] = {
@@ -191,16 +363,111 @@ MODELS: dict[str, Backbone] = {
     "cnn": Backbone(_cnn),
     "betavae": Backbone(_betavae, input_size=(64, 64), beta=4.0),
     "infovae": Backbone(_infovae, objective="infovae"),
+    "lstm": Backbone(_lstm),
 }
 
 
-def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> VAE:
-    """Assemble the VAE that ``cfg`` names, for images of shape ``(C, H, W)``."""
-    if cfg.model not in MODELS:
-        raise RhovaeError(f"unknown model {cfg.model!r}; choose one of: {', '.join(sorted(MODELS))}")
-    for name in ("latent_dim", "hidden"):
-        if getattr(cfg, name) < 1:
-            raise RhovaeError(f"{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    encoder, decoder = MODELS[cfg.model].build(cfg, image_shape)
-    head = make_head(cfg.posterior, encoder.out_features, cfg.latent_dim, cfg.flow_steps, cfg.kl_estimator)
-    return VAE(encoder, head, decoder, make_likelihood(cfg.likelihood), make_prior(cfg.prior, cfg.latent_dim))
+def encoder_features(encoder: nn.Module, data_shape: tuple[int, ...]) -> int:
+    """The encoder's output size: its ``out_features`` attribute, else measured on two zero inputs."""
+    n = getattr(encoder, "out_features", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    try:
+        with torch.no_grad():
+            was_training = encoder.training
+            encoder.eval()
+            h = encoder(torch.zeros(2, *data_shape, device=_module_device(encoder)))
+            encoder.train(was_training)
+    except Exception as e:  # noqa: BLE001 - a user network: say what it was given
+        raise RhovaeError(
+            f"the encoder failed on inputs of shape (2, {', '.join(map(str, data_shape))}): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
+    if not isinstance(h, Tensor) or h.dim() != 2 or h.shape[0] != 2:
+        shape = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
+        raise RhovaeError(f"the encoder must map (B, ...) inputs to (B, F) features, it returned {shape}")
+    return int(h.shape[1])
+
+
+def check_networks(model: VAE, x: Tensor) -> None:
+    """One pass on a few prepared examples ``x``, turning a mismatch between the user's networks, the
+    likelihood and the data into one line that says which part failed and what it should return."""
+    with torch.no_grad():
+        try:
+            q = model.posterior(x)
+        except Exception as e:  # noqa: BLE001 - a user network
+            raise RhovaeError(
+                f"the encoder or posterior head failed on inputs {tuple(x.shape)}: {_first(e)}"
+            ) from None
+        z = q.sample()
+        try:
+            log_px = model.decode(z).log_prob(x)
+        except Exception as e:  # noqa: BLE001 - a user network
+            raise RhovaeError(
+                f"the decoder's output does not fit the likelihood for data {tuple(x.shape[1:])}: "
+                f"{_first(e)}; "
+                f"the decoder must map z (N, {z.shape[-1]}) to the likelihood's parameters (N, "
+                f"{', '.join(map(str, x.shape[1:]))}) or return a Distribution over x"
+            ) from None
+    if log_px.shape != x.shape[:1]:
+        raise RhovaeError(
+            f"the decoder's p(x|z) gives log-probabilities of shape {tuple(log_px.shape)}, not ({len(x)},): "
+            f"it must map z (N, {z.shape[-1]}) to parameters of shape (N, {', '.join(map(str, x.shape[1:]))})"
+        )
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}"
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    p = next(iter(module.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def build_model(
+    cfg: ModelConfig,
+    data_shape: tuple[int, ...],
+    encoder: nn.Module | None = None,
+    decoder: nn.Module | None = None,
+    meta: dict[str, Any] | None = None,
+) -> VAE:
+    """Assemble the VAE that ``cfg`` names, for data of shape ``data_shape`` (``meta``: what the data
+    source says about itself, e.g. a sequence vocabulary).
+
+    ``encoder`` and ``decoder`` replace the backbone's networks (both or neither): any ``nn.Module``s,
+    ``x (B, *data_shape) -> (B, F)`` and ``z (N, d) -> `` the likelihood's parameters ``(N, *data_shape)``
+    (or a Distribution over x). ``cfg`` is validated by :meth:`RunConfig.validate` (the edge).
+    """
+    data_shape = tuple(data_shape)
+    if (encoder is None) != (decoder is None):
+        raise RhovaeError("give both an encoder and a decoder, or neither (the backbone's pair)")
+    if encoder is None:
+        if cfg.model not in MODELS:
+            raise RhovaeError(f"unknown model {cfg.model!r}; choose one of: {', '.join(sorted(MODELS))}")
+        encoder, decoder = MODELS[cfg.model].build(cfg, data_shape, meta or {})
+    features = encoder_features(encoder, data_shape)
+    groups = hierarchy_groups(cfg)
+    if groups != 1:  # the encoder is the bottom-up path; the decoder reads the concatenated z
+        head, prior = build_hierarchy(
+            cfg.posterior, features, cfg.latent_dim, groups, cfg.group_hidden, cfg.flow_steps, cfg.prior
+        )
+    elif cfg.kl_estimator == "paper-legacy" and cfg.posterior == "ar1":
+        head, prior = PaperLegacyAR1Head(features, cfg.latent_dim), make_prior(cfg.prior, cfg.latent_dim)
+    else:
+        head = make_head(cfg.posterior, features, cfg.latent_dim, cfg.flow_steps)
+        prior = make_prior(cfg.prior, cfg.latent_dim)
+    return VAE(encoder, head, decoder, make_likelihood(cfg.likelihood, data_shape), prior)
+
+
+def hierarchy_groups(cfg: ModelConfig) -> int | list[int]:
+    """The latent groups ``cfg`` asks for: a list of sizes, or a count (1: the flat model)."""
+    if cfg.group_sizes.strip():
+        try:
+            return [int(s) for s in cfg.group_sizes.split(",")]
+        except ValueError:
+            raise RhovaeError(
+                f"group-sizes must be a comma list of integers, got {cfg.group_sizes!r}"
+            ) from None
+    return cfg.latent_groups

@@ -9,7 +9,36 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-__all__ = ["image_grid", "save_image_grid", "save_loss_curves"]
+__all__ = ["image_grid", "is_image_shape", "save_image_grid", "save_loss_curves", "save_pictures"]
+
+#: the most images one grid holds; a larger request is refused rather than writing a giant PNG
+MAX_GRID_IMAGES = 4096
+
+
+def is_image_shape(shape: tuple[int, ...]) -> bool:
+    """True for ``(C, H, W)`` with 1 or 3 channels: data that pictures can show."""
+    return len(shape) == 3 and shape[0] in (1, 3)
+
+
+def save_pictures(model, data, run_dir: Path, seed: int = 0) -> list[Path]:
+    """``samples.png`` (64 prior samples) and ``reconstructions.png`` (32 test examples beside their
+    reconstructions) for image data, written in eval mode; nothing for other data."""
+    import torch
+
+    if "vocab" in data.meta:
+        return save_sequence_text(model, data, run_dir, seed)
+    if not is_image_shape(tuple(data.data_shape)):
+        return []
+    was_training = model.training
+    model.eval()
+    try:
+        samples = save_image_grid(model.sample(64, seed=seed), Path(run_dir) / "samples.png", nrow=8)
+        x = data.test[: min(32, len(data.test))]
+        pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
+        recons = save_image_grid(pairs, Path(run_dir) / "reconstructions.png", nrow=16)
+    finally:
+        model.train(was_training)
+    return [samples, recons]
 
 
 def image_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -27,9 +56,53 @@ def image_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndar
 
 
 def _atomic_png(path: Path, writer) -> None:
-    tmp = path.with_name(path.name + ".tmp.png")
-    writer(tmp)
-    os.replace(tmp, path)
+    import tempfile
+
+    from rhovae.errors import RhovaeError
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise RhovaeError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise RhovaeError(f"cannot write {path}: {e.strerror}") from None
+
+
+def save_sequence_text(model, data, run_dir: Path, seed: int = 0) -> list[Path]:
+    """``samples.txt`` (32 greedy decodes of z ~ p(z)) and ``reconstructions.txt`` (16 test sequences,
+    each beside the greedy decode at its posterior mean), one per line, in the set's own notation."""
+    from rhovae.sequences import SequenceVocab, to_text
+
+    vocab = SequenceVocab.from_dict(data.meta["vocab"])
+    was_training = model.training
+    model.eval()
+    try:
+        samples = model.sample(32, seed=seed)
+        x = data.test[: min(16, len(data.test))]
+        recon = model.reconstruct(x)
+    finally:
+        model.train(was_training)
+    out = []
+    for name, lines in (
+        ("samples.txt", [to_text(s, vocab) for s in samples]),
+        (
+            "reconstructions.txt",
+            [f"{to_text(a, vocab)}  ->  {to_text(b, vocab)}" for a, b in zip(x, recon, strict=True)],
+        ),
+    ):
+        path = Path(run_dir) / name
+        _atomic_text(path, "\n".join(lines) + "\n")
+        out.append(path)
+    return out
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    _atomic_png(path, lambda p: Path(p).write_text(text))
 
 
 def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
@@ -39,6 +112,10 @@ def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None) -
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    if len(images) > MAX_GRID_IMAGES:
+        from rhovae.errors import RhovaeError
+
+        raise RhovaeError(f"{path}: at most {MAX_GRID_IMAGES} images fit one grid, got {len(images)}")
     grid = image_grid(images, nrow)
     path = Path(path)
     if grid.shape[-1] == 1:
@@ -71,3 +148,78 @@ def save_loss_curves(history: list[dict], path: str | Path, title: str = "") -> 
     _atomic_png(path, lambda p: fig.savefig(p, dpi=100))
     plt.close(fig)
     return path
+
+
+def explore(model, data, out_dir: str | Path, seed: int = 0, n_steps: int = 9) -> list[Path]:
+    """The pictures people expect from a trained VAE, written into ``out_dir``:
+
+    - ``traversals.png``: rows are latent dimensions; each sweeps its coordinate over ``±3`` standard
+      deviations of the test split's posterior means around one test example's posterior mean (other
+      coordinates fixed), ``n_steps`` columns;
+    - ``interpolations.png``: 8 pairs of test examples, linear paths between their posterior means;
+    - ``latent_pca.png``: the test split's posterior means on their two principal axes, coloured by
+      label when the data has labels.
+
+    Traversals and interpolations need image data; the PCA is drawn for any data.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import torch
+
+    from rhovae.data import batches
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from rhovae.errors import RhovaeError
+
+        raise RhovaeError(f"cannot create {out}: {e.strerror}") from None
+    model.eval()
+    test = data.test
+    with torch.no_grad():
+        means = torch.cat([model.posterior(xb).mean for xb in batches(test, 1000)])
+    g = torch.Generator().manual_seed(seed)
+    written = []
+    if is_image_shape(tuple(data.data_shape)):
+        d = means.shape[1]
+        sd = means.std(0) if len(means) > 1 else torch.ones(d, device=means.device)
+        anchor = means[int(torch.randint(len(means), (1,), generator=g))]
+        steps = torch.linspace(-3, 3, n_steps, device=means.device)
+        z = anchor.repeat(d, n_steps, 1)  # (d, steps, d)
+        for j in range(d):
+            z[j, :, j] = anchor[j] + steps * sd[j]
+        with torch.no_grad():
+            images = model.decode(z.reshape(d * n_steps, d)).mean
+        written.append(save_image_grid(images, out / "traversals.png", nrow=n_steps))
+        pairs = torch.randint(len(means), (8, 2), generator=g)
+        t = torch.linspace(0, 1, n_steps, device=means.device)[None, :, None]
+        a, b = means[pairs[:, 0]][:, None], means[pairs[:, 1]][:, None]
+        with torch.no_grad():
+            images = model.decode(((1 - t) * a + t * b).reshape(-1, d)).mean
+        written.append(save_image_grid(images, out / "interpolations.png", nrow=n_steps))
+    m = means.double().cpu()
+    m = m - m.mean(0)
+    if m.shape[1] >= 2 and len(m) >= 2:
+        _, _, v = torch.linalg.svd(m, full_matrices=False)
+        xy = (m @ v[:2].T).numpy()
+    else:
+        xy = np.stack([m[:, 0].numpy(), np.zeros(len(m))], axis=1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    labels = getattr(data, "test_labels", None)
+    if labels is not None and len(labels) == len(xy):
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=np.asarray(labels.cpu()), cmap="tab10", s=4)
+        fig.colorbar(sc, ax=ax, label="label")
+    else:
+        ax.scatter(xy[:, 0], xy[:, 1], s=4)
+    ax.set_xlabel("principal axis 1")
+    ax.set_ylabel("principal axis 2")
+    ax.set_title(f"posterior means of {len(xy)} test examples")
+    fig.tight_layout()
+    path = out / "latent_pca.png"
+    _atomic_png(path, lambda p: fig.savefig(p, dpi=100))
+    plt.close(fig)
+    written.append(path)
+    return written

@@ -8,7 +8,7 @@ only ever call ``head(h)`` and never ask which family they hold. Adding a family
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import partial, singledispatch
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +16,6 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 
 from rhovae.distributions import AR1Normal
 from rhovae.distributions.flows import FlowPosterior, IAFStep, PlanarStep, reverse_order
-from rhovae.distributions.legacy import PaperLegacyAR1
 from rhovae.errors import RhovaeError
 
 __all__ = [
@@ -28,6 +27,7 @@ __all__ = [
     "DiagonalGaussianHead",
     "FullCovGaussianHead",
     "make_head",
+    "posterior_statistics",
 ]
 
 # tanh saturates to exactly 1.0 in float32 for pre-activations beyond ~9; scaling by this bound keeps
@@ -67,15 +67,11 @@ class AR1GaussianHead(nn.Module):
         self.loc = nn.Linear(in_features, latent_dim)
         self.rho = nn.Linear(in_features, 1)
         self.log_var = nn.Linear(in_features, latent_dim if per_dim_scale else 1)
-        # paper-legacy mode: in training only, sample like the reference code (a random walk; see
-        # rhovae.distributions.legacy); evaluation always uses the exact AR(1) distribution
-        self.legacy_sampler = False
 
     def forward(self, h: Tensor) -> Distribution:
         rho = RHO_BOUND * torch.tanh(self.rho(h))
         scale = torch.exp(0.5 * self.log_var(h))
-        cls = PaperLegacyAR1 if self.legacy_sampler and self.training else AR1Normal
-        return cls(self.loc(h), rho, scale, validate_args=False)
+        return AR1Normal(self.loc(h), rho, scale, validate_args=False)
 
 
 class FullCovGaussianHead(nn.Module):
@@ -177,15 +173,10 @@ def posterior_names() -> list[str]:
     return sorted(HEADS) + list(FLOWS) + [f"{b}+{f}" for b in sorted(HEADS) for f in FLOWS]
 
 
-def make_head(
-    name: str, in_features: int, latent_dim: int, flow_steps: int = 4, kl_estimator: str = "exact"
-) -> nn.Module:
+def make_head(name: str, in_features: int, latent_dim: int, flow_steps: int = 4) -> nn.Module:
     """Build the posterior head ``name``: a base family of :data:`HEADS`, a flow of :data:`FLOWS` on the
-    diagonal base (``planar``, ``iaf``, as in the literature), or ``base+flow`` (``ar1+iaf``, ...)."""
-    if in_features < 1 or latent_dim < 1:
-        raise RhovaeError(
-            f"posterior head sizes must be positive, got in_features={in_features}, latent_dim={latent_dim}"
-        )
+    diagonal base (``planar``, ``iaf``, as in the literature), or ``base+flow`` (``ar1+iaf``, ...).
+    Sizes are validated by the run configuration, the one edge where user settings enter."""
     base_name, _, flow = name.partition("+")
     if name in FLOWS:
         base_name, flow = "diagonal", name
@@ -195,16 +186,33 @@ def make_head(
             f"or BASE+FLOW (e.g. ar1+iaf)"
         )
     base = HEADS[base_name](in_features, latent_dim)
-    if kl_estimator == "paper-legacy":
-        if flow or base_name not in ("ar1", "diagonal"):
-            raise RhovaeError(
-                f"the paper-legacy KL estimator exists for the ar1 and diagonal posteriors only, not {name!r}"
-            )
-        base.legacy_sampler = base_name == "ar1"  # the reference's diagonal baseline was exact
-    elif kl_estimator != "exact":
-        raise RhovaeError(f"unknown kl-estimator {kl_estimator!r}; choose exact or paper-legacy")
-    if not flow:
-        return base
-    if flow_steps < 1:
-        raise RhovaeError(f"flow-steps must be positive, got {flow_steps}")
-    return FlowHead(base, flow, flow_steps)
+    return FlowHead(base, flow, flow_steps) if flow else base
+
+
+# --- what a family reports about itself ---------------------------------------------------------------
+
+
+@singledispatch
+def posterior_statistics(q: Distribution) -> dict[str, Tensor]:
+    """Per-sample summaries a posterior family reports for logging and evaluation, ``{name: (B,) or
+    (B, k)}``; families without any return ``{}``.
+
+    The one hook through which trainer and evaluator learn about a family's own parameters (no caller
+    reads attributes such as ``q.rho``). A new family registers its own::
+
+        @posterior_statistics.register
+        def _(q: MyDistribution) -> dict[str, Tensor]:
+            return {"my_parameter": q.my_parameter}
+    """
+    return {}
+
+
+@posterior_statistics.register
+def _ar1_statistics(q: AR1Normal) -> dict[str, Tensor]:
+    # rho (B,) and the variance scale s = scale^2, (B, 1) or (B, d) for per-dimension scales
+    return {"rho": q.rho[..., 0], "s": q.scale.pow(2)}
+
+
+@posterior_statistics.register
+def _flow_statistics(q: FlowPosterior) -> dict[str, Tensor]:
+    return posterior_statistics(q.base)

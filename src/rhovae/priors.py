@@ -1,16 +1,46 @@
-"""Priors ``p(z)`` as modules that return a distribution (so a learned prior trains with the model)."""
+"""Priors ``p(z)`` as modules that return a distribution (so a learned prior trains with the model).
+
+``forward()`` takes no input and returns ``p(z)``: event shape ``(d,)``, batch shape ``()``, with
+``log_prob`` for ``(B, d)`` and ``(m, B, d)`` and ``sample((n,))``. Registry :data:`PRIORS`::
+
+    name        p(z)                                     log_prob            sample
+    standard    StandardNormal, N(0, I)                  O(d)                O(d)
+    ar1         AR1Normal, learned N(0, s T(rho))        O(d)                O(d log d) scan
+    made        MADENormal, Gaussian autoregressive      one MADE pass       d MADE passes
+
+Which ``KL(q || p)`` the VAE gets in closed form (``kl_divergence``; pairs registered in
+:mod:`rhovae.distributions.kl` or by torch) and which fall back to the one-sample Monte-Carlo estimate
+``log q(z) - log p(z)`` at the posterior's own sample (unbiased, see tests/test_priors.py)::
+
+    posterior (head)            q's type                  standard   ar1       made
+    diagonal                    Independent(Normal)       closed     MC        MC
+    ar1, ar1-diag               AR1Normal                 closed     closed    MC
+    full                        MultivariateNormal        closed     MC        MC
+    planar, iaf, BASE+FLOW      FlowPosterior             MC         MC        MC
+    hierarchical (any family)   HierarchicalPosterior     per group, see rhovae.hierarchy
+
+"closed" means: AR1Normal vs StandardNormal / Independent(Normal) / MultivariateNormal / AR1Normal,
+MultivariateNormal vs Independent(Normal) (both in rhovae's kl.py), Independent(Normal) vs
+Independent(Normal) and MultivariateNormal vs MultivariateNormal (torch). A flow never has one (its
+density is known only at its own samples), and nothing is registered against :class:`MADENormal`.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import nn
-from torch.distributions import Distribution
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Distribution, constraints
+from torch.distributions.utils import _standard_normal
 
 from rhovae.distributions import AR1Normal, StandardNormal
+from rhovae.distributions.flows import made_masks
 from rhovae.errors import RhovaeError
 from rhovae.posteriors import RHO_BOUND
 
-__all__ = ["PRIORS", "AR1Prior", "StandardNormalPrior", "make_prior"]
+__all__ = ["PRIORS", "AR1Prior", "MADENormal", "MADEPrior", "StandardNormalPrior", "make_prior"]
 
 
 class StandardNormalPrior(nn.Module):
@@ -41,7 +71,108 @@ class AR1Prior(nn.Module):
         )
 
 
-PRIORS = {"standard": StandardNormalPrior, "ar1": AR1Prior}
+# --- a Gaussian autoregressive prior from a MADE (Germain et al. 2015) -------------------------------
+
+
+class MADENormal(Distribution):
+    """``p(z) = prod_t N(z_t; mu_t(z_<t), sigma_t(z_<t)^2)`` with ``(mu, log sigma) = net(z)``.
+
+    Args:
+        net: a callable ``z (..., d) -> (mu (..., d), log_sigma (..., d))`` whose output t depends on
+            ``z_<t`` only (a MADE; :class:`MADEPrior` builds one).
+        latent_dim: d.
+        dtype, device: of the samples.
+
+    Batch shape ``()``, event shape ``(d,)``. ``log_prob`` is exact and takes one pass of ``net`` for any
+    ``(..., d)``; ``rsample`` takes d passes (:meth:`from_noise`). No KL is registered against it: the
+    VAE uses the Monte-Carlo term ``log q(z) - log p(z)``.
+
+    Example:
+        >>> p = MADEPrior(8)()                  # N(0, I) until trained
+        >>> p.sample((5,)).shape, p.log_prob(torch.zeros(3, 8)).shape
+        (torch.Size([5, 8]), torch.Size([3]))
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, net, latent_dim: int, dtype: torch.dtype | None = None, device=None) -> None:
+        self.net = net
+        self._dtype, self._device = dtype, device
+        super().__init__(torch.Size(), torch.Size((latent_dim,)), validate_args=False)
+
+    @property
+    def latent_dim(self) -> int:
+        return self._event_shape[0]
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        mu, log_sigma = self.net(value)
+        standardised = (value - mu) * torch.exp(-log_sigma)
+        return -(0.5 * standardised.pow(2) + log_sigma + 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def from_noise(self, eps: Tensor) -> Tensor:
+        """The sample ``z (..., d)`` for standard-normal noise ``eps (..., d)``, differentiable.
+
+        Iterates ``z <- mu(z) + sigma(z) * eps`` from ``z = 0``: after pass k the first k coordinates are
+        final (output t sees only ``z_<t``), so d passes give the ancestral sample with no in-place
+        writes for autograd to trip over.
+        """
+        z = torch.zeros_like(eps)
+        for _ in range(self.latent_dim):
+            mu, log_sigma = self.net(z)
+            z = mu + torch.exp(log_sigma) * eps
+        return z
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        shape = self._extended_shape(sample_shape)
+        return self.from_noise(_standard_normal(shape, dtype=self._dtype, device=self._device))
+
+
+class _MaskedLinear(nn.Linear):
+    """``Linear`` whose weight is multiplied by a fixed 0/1 mask (the MADE connectivity)."""
+
+    def __init__(self, in_features: int, out_features: int, mask: Tensor, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_buffer("mask", mask)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class MADEPrior(nn.Module):
+    """A learned Gaussian autoregressive prior: a one-hidden-layer MADE with a direct connection.
+
+    ``[mu, log_sigma] = out(ELU(inp(z))) + direct(z)``: ``inp``/``out`` carry the MADE masks of
+    :func:`~rhovae.distributions.flows.made_masks`, ``direct`` is a strictly lower-triangular linear map
+    (so the prior contains every linear-Gaussian autoregression ``z_t = b_t + sum_(s<t) A_ts z_s +
+    sigma_t eps_t``). ``out`` and ``direct`` start at zero: a fresh prior is exactly ``N(0, I_d)``.
+    Returns a :class:`MADENormal`.
+    """
+
+    def __init__(self, latent_dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        self.latent_dim = d = latent_dim
+        self.hidden = hidden = hidden or max(64, 4 * d)
+        m_in, m_out = made_masks(d, hidden)
+        strictly_lower = torch.ones(d, d).tril(-1)
+        self.inp = _MaskedLinear(d, hidden, m_in)
+        self.out = _MaskedLinear(hidden, 2 * d, m_out.repeat(2, 1))
+        self.direct = _MaskedLinear(d, 2 * d, strictly_lower.repeat(2, 1), bias=False)
+        for weight in (self.out.weight, self.out.bias, self.direct.weight):
+            nn.init.zeros_(weight)
+
+    def conditionals(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu, log_sigma)``, each ``(..., d)``, of ``p(z_t | z_<t)`` for every t at once."""
+        params = self.out(F.elu(self.inp(z))) + self.direct(z)
+        return params[..., : self.latent_dim], params[..., self.latent_dim :]
+
+    def forward(self) -> Distribution:
+        w = self.out.weight
+        return MADENormal(self.conditionals, self.latent_dim, dtype=w.dtype, device=w.device)
+
+
+PRIORS = {"standard": StandardNormalPrior, "ar1": AR1Prior, "made": MADEPrior}
 
 
 def make_prior(name: str, latent_dim: int) -> nn.Module:

@@ -1,0 +1,310 @@
+"""The run folder: config, atomic and locked checkpoints, device choice, the run's data, ``load_run``.
+
+A run folder holds ``config.toml`` (the resolved settings), ``metrics.csv``, ``last.pt`` (every epoch),
+``best.pt`` (on validation improvement), pictures, and while a process trains in it a ``.lock``.
+Checkpoints hold tensors and plain data only (``torch.load(weights_only=True)`` reads them): no code
+is ever executed from a checkpoint. Everything that reads or writes a run folder lives here, below
+both the trainer and the evaluator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import rhovae
+from rhovae.config import PYTHON_DATA, RESUMABLE_FIELDS, RunConfig, from_dict, load_config
+from rhovae.data import Data, Preprocessing, RawSplits, load_data
+from rhovae.errors import RhovaeError
+from rhovae.likelihoods import LIKELIHOODS
+from rhovae.model import MODELS, VAE, build_model
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "RunLock",
+    "check_run_dir",
+    "load_checkpoint",
+    "load_run",
+    "pick_device",
+    "prepare_data",
+    "save_atomic",
+    "write_text_atomic",
+]
+
+CHECKPOINT_FORMAT = 2
+# what every checkpoint holds (last.pt adds the optimiser, scheduler, RNG and history)
+CHECKPOINT_KEYS = ("format", "config", "data_shape", "preprocessing", "epoch", "model")
+RESUME_KEYS = ("optimizer", "scheduler", "rng", "history", "best_val", "best_epoch", "stale")
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; anything else must be a device this machine has."""
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = mps is not None and mps.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if mps_ok else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise RhovaeError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RhovaeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RhovaeError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps" and not mps_ok:
+        raise RhovaeError(f"device {name!r} requested but MPS is not available; use --device cpu")
+    elif device.type != "cpu":
+        raise RhovaeError(f"device {name!r} cannot train a model; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def versions() -> dict[str, str]:
+    return {
+        "rhovae": rhovae.__version__,
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+    }
+
+
+# --- atomic writes ----------------------------------------------------------------------------------
+
+
+def _write_failed(path: Path, e: OSError) -> RhovaeError:
+    reason = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only"}.get(
+        e.errno or 0, e.strerror or type(e).__name__
+    )
+    return RhovaeError(f"cannot write {path}: {reason}; free space or choose a writable --run-dir")
+
+
+def _atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write to a uniquely named temporary file beside ``path``, fsync, then rename over ``path``.
+
+    A reader sees the old file or the new one, never a torn one; two writers never share a temporary
+    name; on any failure the temporary file is removed and the old ``path`` stays.
+    """
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_failed(path, e) from None
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _write_failed(path, e) from None
+        if isinstance(e, RuntimeError) and "write" in str(e).lower():  # torch's zip writer on a full disk
+            raise RhovaeError(f"cannot write {path}: {str(e).splitlines()[0]}; free space") from None
+        raise
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` atomically (see :func:`_atomic`)."""
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _atomic(path, lambda f: f.write(text), mode="w")
+
+
+# --- locking ----------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """An advisory lock on a run folder (``fcntl.flock`` on ``RUN/.lock``) for as long as a process
+    trains in it. A second writer gets a clear refusal; the lock of a process that died is released by
+    the operating system, so it is taken over without any stale-file cleanup. Elsewhere than POSIX it
+    is a no-op."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._file = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        try:
+            self._file = open(self.path, "a+")  # noqa: SIM115 - held for the lock's lifetime
+        except OSError as e:
+            raise _write_failed(self.path, e) from None
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            self._file = None
+            raise RhovaeError(
+                f"{self.path.parent} is in use by another rhovae process; wait for it or choose "
+                "another --run-dir"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the flock
+            self._file = None
+
+
+# --- reading a run ----------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: Path, resume: bool = False) -> dict[str, Any]:
+    """A rhovae checkpoint's contents, validated; any problem is one RhovaeError naming the file."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise RhovaeError(f"{path}: no checkpoint here; train first (rhovae train --run-dir ...)") from None
+    except IsADirectoryError:
+        raise RhovaeError(f"{path}: is a folder, not a checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt file to the user
+        raise RhovaeError(f"{path}: unreadable checkpoint ({type(e).__name__}); it may be corrupt") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else None
+        raise RhovaeError(
+            f"{path}: not a rhovae checkpoint of format {CHECKPOINT_FORMAT} (found {found!r}); "
+            "retrain with this version"
+        )
+    missing = [k for k in CHECKPOINT_KEYS + (RESUME_KEYS if resume else ()) if k not in ckpt]
+    if missing:
+        raise RhovaeError(f"{path}: checkpoint lacks {', '.join(missing)}; it is damaged, retrain")
+    return ckpt
+
+
+def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> dict[str, Any] | None:
+    """Refuse to mix runs; return the checkpoint to resume from, if any.
+
+    A folder holding only a ``config.toml`` of a run that never finished an epoch (killed or failed in
+    its first epoch) is a fresh start: with the same settings it is retried, with other settings it is
+    replaced, since there is nothing to lose.
+    """
+    config_file = run_dir / "config.toml"
+    last = run_dir / "last.pt"
+    if not config_file.exists():
+        if resume:
+            raise RhovaeError(
+                f"{run_dir}: nothing to resume (no config.toml); drop --resume to start a new run"
+            )
+        if run_dir.is_file():
+            raise RhovaeError(f"{run_dir}: is a file; choose a folder for --run-dir")
+        if run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()):
+            raise RhovaeError(
+                f"{run_dir}: folder is not empty and holds no rhovae run; choose another --run-dir"
+            )
+        return None
+    if not last.exists():
+        return None  # no finished epoch: nothing to resume and nothing to lose
+    saved = load_config(config_file)
+    new, old = cfg.to_dict(), saved.to_dict()
+    differ = [k for k, v in new.items() if k not in RESUMABLE_FIELDS and old.get(k) != v]
+    if differ:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differ)
+        raise RhovaeError(f"{run_dir} holds a different run ({details}); choose another --run-dir")
+    if not resume:
+        raise RhovaeError(
+            f"{run_dir} already holds this run; pass --resume to continue it, or another --run-dir"
+        )
+    ckpt = load_checkpoint(last, resume=True)
+    if from_dict(ckpt["config"]).to_dict() | {k: new[k] for k in RESUMABLE_FIELDS} != new:
+        raise RhovaeError(f"{last} belongs to another run than {config_file}; start a new --run-dir")
+    return ckpt
+
+
+def prepare_data(cfg: RunConfig, device: torch.device, raw: RawSplits | None = None) -> Data:
+    """The run's data on ``device``, shaped as its model takes it; ``raw``: arrays handed over from
+    Python (``rhovae.fit``) instead of the dataset the config names."""
+    if cfg.dataset == PYTHON_DATA and raw is None:
+        raise RhovaeError(
+            "this run was trained on data given to rhovae.fit; evaluate it from Python: "
+            "rhovae.load(run_dir).log_likelihood(x)"
+        )
+    backbone = MODELS.get(cfg.model)
+    return load_data(
+        cfg.dataset,
+        cfg.data_dir or None,
+        raw=raw,
+        pixels=cfg.pixels,
+        val_size=cfg.val_size,
+        device=device,
+        limit=cfg.limit or None,
+        size=backbone.input_size if backbone else None,
+        image_size=cfg.image_size or None,
+        channels=cfg.channels or None,
+        in_memory_limit_mb=cfg.in_memory_limit_mb,
+        unit_interval=LIKELIHOODS[cfg.likelihood].unit_interval,
+    )
+
+
+def load_run(
+    run_dir: str | Path,
+    which: str = "best",
+    device: str = "auto",
+    encoder: nn.Module | None = None,
+    decoder: nn.Module | None = None,
+) -> tuple[VAE, RunConfig, dict[str, Any]]:
+    """Rebuild the model of a run folder from ``best.pt`` (or ``last.pt``), in eval mode, with its
+    training preprocessing attached. Runs trained with your own networks need fresh instances of the
+    same ``encoder`` and ``decoder`` (rhovae never pickles code)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RhovaeError(f"{run_dir}: no such run folder")
+    path = run_dir / f"{which}.pt"
+    ckpt = load_checkpoint(path)
+    cfg = from_dict(ckpt["config"], where=str(path))
+    config_file = run_dir / "config.toml"
+    if config_file.exists():
+        saved = load_config(config_file).to_dict()
+        differ = [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_FIELDS and saved.get(k) != v]
+        if differ:
+            raise RhovaeError(
+                f"{path} disagrees with {config_file} on {', '.join(differ)}; the folder mixes two runs"
+            )
+    if cfg.model == "custom" and encoder is None:
+        raise RhovaeError(
+            f"{run_dir} was trained with your own networks: load it from Python with "
+            "rhovae.load(run_dir, encoder=..., decoder=...) (fresh instances of the same classes)"
+        )
+    model = build_model(
+        cfg, tuple(ckpt["data_shape"]), encoder=encoder, decoder=decoder, meta=ckpt.get("data_meta") or {}
+    )
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise RhovaeError(f"{path} does not fit its config: {first}") from None
+    model.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
+    model.to(pick_device(device)).eval()
+    return model, cfg, ckpt
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block (no batch statistics), restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
