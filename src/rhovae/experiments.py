@@ -58,7 +58,14 @@ PRESETS = tuple(
     )
 )
 METRICS = ["test_neg_elbo", "iwae_nll", "test_recon", "test_kl", "active_units", "epoch_seconds"]
+# reported when every run of a grid has them (sequence runs)
+OPTIONAL_METRICS = ["recon_seq_acc", "recon_token_acc", "validity", "uniqueness", "novelty"]
 METRIC_NAMES = {
+    "recon_seq_acc": "recon. sequences",
+    "recon_token_acc": "recon. tokens",
+    "validity": "validity",
+    "uniqueness": "uniqueness",
+    "novelty": "novelty",
     "test_neg_elbo": "test −ELBO",
     "iwae_nll": "IWAE NLL",
     "test_recon": "reconstruction",
@@ -77,23 +84,44 @@ class Experiment:
     iwae_limit: int = 0
     baseline: str = "diagonal"
     description: str = ""
+    # named bundles of settings a grid key may range over, e.g. {"aid": {"none": {}, "warm-up":
+    # {"kl_warmup": 5}}} with grid aid = ["none", "warm-up"] (a TOML table [options.aid])
+    options: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
-    def configs(self) -> list[tuple[str, RunConfig]]:
-        """Every run of the grid as ``(run_id, resolved config)``, in a stable order."""
+    def points(self) -> list[tuple[str, RunConfig, dict[str, Any]]]:
+        """Every run of the grid as ``(run_id, resolved config, the grid values that made it)``, in a
+        stable order."""
         keys = list(self.grid)
         runs = []
         for values in itertools.product(*(self.grid[k] for k in keys)):
-            settings = {**self.run, **dict(zip(keys, values, strict=True))}
+            settings = dict(self.run)
+            for k, v in zip(keys, values, strict=True):
+                if k in self.options:
+                    if v not in self.options[k]:
+                        raise RhovaeError(
+                            f"experiment {self.name!r}: {k} = {v!r} is not one of [options.{k}]: "
+                            f"{', '.join(self.options[k])}"
+                        )
+                    settings.update(self.options[k][v])
+                else:
+                    settings[k] = v
             if settings.get("dataset") == "auto":
                 settings.update(_auto_dataset(settings))
             cfg = from_dict(settings, where=f"experiment {self.name!r}").validate()
-            runs.append((_run_id(keys, values, cfg), cfg))
-        ids = [r for r, _ in runs]
+            choices = {
+                k: (v if k in self.options else getattr(cfg, k)) for k, v in zip(keys, values, strict=True)
+            }
+            runs.append((_run_id(keys, values, cfg), cfg, choices))
+        ids = [r for r, _, _ in runs]
         if len(set(ids)) != len(ids):
             raise RhovaeError(
                 f"experiment {self.name!r}: two grid points give the same run (duplicate values?)"
             )
         return runs
+
+    def configs(self) -> list[tuple[str, RunConfig]]:
+        """Every run of the grid as ``(run_id, resolved config)``, in a stable order."""
+        return [(rid, cfg) for rid, cfg, _ in self.points()]
 
 
 def _run_id(keys: list[str], values: tuple, cfg: RunConfig) -> str:
@@ -103,7 +131,7 @@ def _run_id(keys: list[str], values: tuple, cfg: RunConfig) -> str:
         parts.append(
             f"s{v}" if k == "seed" else (str(v) if k in ("model", "dataset", "posterior") else f"{k}{v}")
         )
-    return "-".join(parts).replace("+", "_").replace("/", "_")
+    return "-".join(parts).replace("+", "_").replace("/", "_").replace(":", "_")
 
 
 @functools.lru_cache(maxsize=4)
@@ -145,7 +173,7 @@ def load_experiment(source: str | Path) -> Experiment:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RhovaeError(f"{where}: not valid TOML ({e})") from None
-    unknown = set(raw) - {"name", "description", "grid", "run", "evaluate"}
+    unknown = set(raw) - {"name", "description", "grid", "run", "evaluate", "options"}
     if unknown:
         raise RhovaeError(f"{where}: unknown section or key {sorted(unknown)[0]!r}")
     grid = raw.get("grid", {})
@@ -163,6 +191,7 @@ def load_experiment(source: str | Path) -> Experiment:
         iwae_k=int(evaluate.get("iwae_k", 1000)),
         iwae_limit=int(evaluate.get("iwae_limit", 0)),
         baseline=str(evaluate.get("baseline", "diagonal")),
+        options=raw.get("options", {}),
     )
 
 
@@ -269,7 +298,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def _collect(exp: Experiment, out: Path) -> list[dict[str, Any]]:
     rows = []
-    for rid, cfg in exp.configs():
+    for rid, cfg, choices in exp.points():
         run_dir = out / "runs" / rid
         path = run_dir / "evaluation.json"
         if not path.exists():
@@ -277,8 +306,8 @@ def _collect(exp: Experiment, out: Path) -> list[dict[str, Any]]:
         record = json.loads(path.read_text())
         with open(run_dir / "metrics.csv") as f:
             history = list(csv.DictReader(f))
-        row = {"run": rid, **{k: getattr(cfg, k) for k in exp.grid}, "kl_estimator": cfg.kl_estimator}
-        row.update({k: record[k] for k in METRICS if k in record})
+        row = {"run": rid, **choices, "kl_estimator": cfg.kl_estimator}
+        row.update({k: record[k] for k in METRICS + OPTIONAL_METRICS if k in record})
         row["epoch_seconds"] = sum(float(h["epoch_seconds"]) for h in history) / len(history)
         row["parameters"] = record.get("parameters")
         row["iwae_k"] = record["iwae_k"]
@@ -300,6 +329,7 @@ def write_report(exp: Experiment, out: str | Path, wall_seconds: float | None = 
     if not rows:
         raise RhovaeError(f"{out}: no finished runs to report")
     setup_keys = _setup_keys(exp)
+    metrics = METRICS + [m for m in OPTIONAL_METRICS if all(m in r for r in rows)]
     posteriors = list(dict.fromkeys(r["posterior"] for r in rows)) if "posterior" in exp.grid else []
 
     def setup_of(r):
@@ -319,7 +349,7 @@ def write_report(exp: Experiment, out: str | Path, wall_seconds: float | None = 
                 "seeds": len(group),
                 "parameters": group[0]["parameters"],
             }
-            for m in METRICS:
+            for m in metrics:
                 entry[m] = _mean_sd([float(r[m]) for r in group])
             summary.append(entry)
         base = {r.get("seed"): r for r in in_setup if r.get("posterior") == exp.baseline}
@@ -355,6 +385,7 @@ def write_report(exp: Experiment, out: str | Path, wall_seconds: float | None = 
         "summary": summary,
         "paired": paired,
         "pictures": pictures,
+        "metrics": metrics,
         "note": "paper-legacy runs optimised the reference code's objective, which is NOT an ELBO"
         if legacy
         else "",
@@ -400,11 +431,15 @@ def _markdown(exp: Experiment, report: dict, setup_keys: list[str], legacy: bool
     grid = "; ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in exp.grid.items())
     lines += [f"Grid: {grid}.", f"Fixed settings: {fixed or 'the defaults'}.", ""]
     lines += ["## Per setup: mean ± sd over seeds", ""]
-    head = [*setup_keys, "posterior", "seeds", *[METRIC_NAMES[k] for k in METRICS], "parameters"]
+    metrics = report.get("metrics", METRICS)
+    head = [*setup_keys, "posterior", "seeds", *[METRIC_NAMES[k] for k in metrics], "parameters"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in report["summary"]:
         cells = [str(s[k]) for k in setup_keys] + [str(s["posterior"]), str(s["seeds"])]
-        cells += [_fmt(s[k], 1 if k in ("active_units",) else 2) for k in METRICS] + [f"{s['parameters']:,}"]
+        cells += [
+            _fmt(s[k], 1 if k == "active_units" else 3 if k in OPTIONAL_METRICS else 2) for k in metrics
+        ]
+        cells += [f"{s['parameters']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
     if report["paired"]:
         lines += [
@@ -510,7 +545,9 @@ def print_summary(report_path: Path, stream=sys.stdout) -> None:
     report = json.loads((report_path.parent / "report.json").read_text())
     for s in report["summary"]:
         setup = ", ".join(
-            f"{v}" for k, v in s.items() if k not in METRICS and k not in ("posterior", "seeds", "parameters")
+            f"{v}"
+            for k, v in s.items()
+            if k not in METRICS + OPTIONAL_METRICS and k not in ("posterior", "seeds", "parameters")
         )
         print(
             f"{setup:<28} {str(s['posterior']):<12} −ELBO {_fmt(s['test_neg_elbo'])}   "
