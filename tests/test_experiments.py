@@ -221,3 +221,20 @@ def test_parallel_jobs_give_the_same_report_rows(idx_dir, tmp_path):
         with open(tmp_path / d / "runs.csv") as f:
             rows.append([{k: v for k, v in r.items() if k != "epoch_seconds"} for r in csv.DictReader(f)])
     assert rows[0] == rows[1]
+
+
+def test_option_bundles_vary_several_settings_at_once(idx_dir, tmp_path):
+    exp = toy(idx_dir, pictures=False)
+    exp.grid = {"model": ["mlp"], "dataset": ["mnist"], "aid": ["none", "free-bits"], "posterior": ["ar1"]}
+    exp.options = {"aid": {"none": {}, "free-bits": {"free_bits": 0.5, "kl_warmup": 1}}}
+    points = exp.points()
+    assert [p[2]["aid"] for p in points] == ["none", "free-bits"]
+    assert points[1][1].free_bits == 0.5 and points[1][1].kl_warmup == 1 and points[0][1].free_bits == 0
+    compare(exp, tmp_path / "out")
+    with open(tmp_path / "out" / "runs.csv") as f:
+        assert [r["aid"] for r in csv.DictReader(f)] == ["none", "free-bits"]
+    exp.grid["aid"] = ["warm-up"]
+    with pytest.raises(RhovaeError, match=r"aid = 'warm-up' is not one of \[options.aid\]"):
+        exp.points()
+    for preset in ("sequences", "hierarchy"):
+        assert len(load_experiment(preset).points()) in (90, 24)
