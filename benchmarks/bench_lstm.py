@@ -103,6 +103,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="training batch size")
     parser.add_argument("--gen-batch", type=int, default=1024, help="sequences per generation call")
     parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per figure")
+    parser.add_argument(
+        "--epoch-limit", type=int, default=4000, help="training sequences per timed trainer epoch (0: skip)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -119,6 +122,43 @@ def main() -> None:
     for name, x, vocab in (("nas201", nas, nas_vocab), ("words", words, words_vocab)):
         train_rate, gen_rate = bench(x, vocab, args, device)
         print(f"{name:<8} {f'{vocab.max_len} x {vocab.width}':>14} {train_rate:>12,.0f} {gen_rate:>17,.0f}")
+    if args.epoch_limit:
+        trainer_epochs(args, device)
+
+
+def trainer_epochs(args, device: torch.device) -> None:
+    """Seconds per training epoch of ``rhovae train --model lstm`` (the trainer's own loop, with the real
+    posterior heads), diagonal vs AR(1), on the first ``--epoch-limit`` training sequences of each set,
+    and the same scaled to the whole training split."""
+    from rhovae.config import RunConfig
+    from rhovae.data import load_data
+    from rhovae.train import make_run, train_epoch
+
+    print(f"\n# rhovae's trainer, --model lstm, first {args.epoch_limit} training sequences per epoch")
+    print("| data | train sequences | diagonal (s) | ar1 (s) | ar1 / diagonal | full epoch, diagonal (s) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in ("nas201", "words"):
+        try:
+            full = load_data(name, device=device)
+        except RhovaeError as e:
+            print(f"| {name} | skipped: {e} |")
+            continue
+        data = load_data(name, device=device, limit=args.epoch_limit)
+        seconds = {}
+        for posterior in ("diagonal", "ar1"):
+            settings = dict(latent_dim=args.latent_dim, hidden=args.hidden, batch_size=args.batch)
+            cfg = RunConfig(model="lstm", dataset=name, posterior=posterior, **settings).validate()
+            torch.manual_seed(0)
+            run = make_run(cfg, data)
+            train_epoch(run, 1)  # warm-up
+            seconds[posterior] = min(train_epoch(run, 1)["epoch_seconds"] for _ in range(2))
+        n = len(data.train)
+        scaled = seconds["diagonal"] * len(full.train) / n
+        print(
+            f"| {name} | {n:,} | {seconds['diagonal']:.2f} | {seconds['ar1']:.2f} | "
+            f"{seconds['ar1'] / seconds['diagonal']:.2f}× | {scaled:.1f} ({len(full.train):,}) |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
