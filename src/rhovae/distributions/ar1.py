@@ -1,19 +1,21 @@
 """The AR(1) Gaussian: a normal distribution whose correlation matrix is an AR(1) Toeplitz matrix.
 
-Every operation is O(d) per sample (the sample is an O(d log d) parallel scan); the dense views exist
-for references and debugging and are never touched by the fast paths. Equation numbers refer to
-docs/math.md.
+Every operation is O(d) per sample (the sample is an O(d log d) parallel scan, or for small problems
+one O(d^2) product that costs fewer calls); the dense views exist for references and debugging and are
+never touched by the fast paths. Equation numbers refer to docs/math.md.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 from torch.distributions import constraints
 from torch.distributions.distribution import Distribution
-from torch.distributions.utils import _standard_normal, lazy_property
+from torch.distributions.utils import lazy_property
 
 __all__ = ["AR1Normal", "ar1_filter", "open_unit_interval"]
 
@@ -36,6 +38,29 @@ class _OpenInterval(constraints.Constraint):
 open_unit_interval = _OpenInterval(-1.0, 1.0)
 
 
+def _args_valid(loc: Tensor, one_minus_rho_sq: Tensor, scale: Tensor) -> bool:
+    """The test of ``AR1Normal.arg_constraints``: no NaN in ``loc``, ``|rho| < 1``, ``scale > 0``.
+
+    ``|rho| < 1`` is ``1 - rho^2 > 0``, and ``1 - rho^2`` (detached) is needed by the sample and the KL
+    anyway; so the test is two reductions, ``min(1 - rho^2, scale) > 0`` and ``sum(loc)`` not NaN.
+    On the CPU both are read on the host (reading a CPU tensor waits for nothing); ``False`` may also
+    mean a ``loc`` holding both ``+inf`` and ``-inf`` (their sum is NaN), which the caller's exact check
+    then lets through. On an accelerator the test is queued with ``torch._assert_async`` instead, so
+    that validation never makes the host wait for the device: a bad argument there fails as a
+    device-side assertion, not as a ``ValueError``.
+    """
+    if loc.numel() == 0:  # an empty batch (all three share it): nothing to check, nothing to reduce
+        return True
+    loc, scale = loc.detach(), scale.detach()
+    if loc.device.type != "cpu":
+        valid = (one_minus_rho_sq > 0).all() & (scale > 0).all() & ~loc.isnan().any()
+        torch._assert_async(valid, "AR1Normal: loc must have no NaN, |rho| < 1 and scale > 0")
+        return True
+    # NaN propagates through minimum, amin and sum and fails the comparison, so a NaN anywhere
+    # makes the result False.
+    return float(torch.minimum(one_minus_rho_sq, scale).amin()) > 0 and not math.isnan(float(loc.sum()))
+
+
 def _reduce_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
     """Sum a broadcast gradient back onto the shape of the input it came from."""
     if t.shape == shape:
@@ -46,40 +71,55 @@ def _reduce_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
+def _scan_powers(rho: Tensor, d: int) -> list[Tensor]:
+    """``[rho, rho^2, rho^4, ...]``: the coefficients of the ``ceil(log2 d)`` scan steps for length d.
+
+    Computed once per sample and shared by the forward filter and its adjoint.
+    """
+    powers = [rho] if d > 1 else []
+    for _ in range((d - 1).bit_length() - 1):
+        powers.append(powers[-1] * powers[-1])
+    return powers
+
+
 def _scan_first_order(
-    x: Tensor, rho: Tensor, reverse: bool = False, x_scale: Tensor | None = None, unscaled_first: bool = False
+    x: Tensor,
+    rho: Tensor,
+    reverse: bool = False,
+    x_scale: Tensor | None = None,
+    unscaled_first: bool = False,
+    powers: list[Tensor] | None = None,
 ) -> Tensor:
     """Solve ``y_j = rho * y_(j-1) + x_j`` (``y_(j+1)`` when ``reverse``) by a Hillis–Steele scan.
 
     After the step with shift k, ``y_j`` holds ``sum_(m < 2k) rho^m x_(j-m)``: log2(d) vectorised
     steps replace the d-step Python loop of the reference code (docs/math.md §4). ``x`` carries the
     full shape; ``rho`` (and ``x_scale``, which multiplies ``x`` first, except element 0 when
-    ``unscaled_first``) broadcast against it. Not differentiable by itself:
-    :class:`_AR1Reparameterisation` supplies the analytic adjoint.
+    ``unscaled_first``) broadcast against it; ``powers`` is ``_scan_powers(rho, d)`` when the caller
+    has it already. Not differentiable by itself: :class:`_AR1Reparameterisation` supplies the
+    analytic adjoint.
     """
     shape = x.shape
     d = shape[-1]
+    if powers is None:
+        powers = _scan_powers(rho, d)
     # Two zero-padded buffers: a shifted view of one reads zeros where the shift runs off the end,
     # so each step is a single fused multiply-add into the other buffer, with no aliasing.
-    bufs = x.new_empty((2,) + shape[:-1] + (2 * d,))
-    body, pad = (slice(0, d), slice(d, 2 * d)) if reverse else (slice(d, 2 * d), slice(0, d))
-    bufs[..., pad] = 0
-    views = [bufs[0, ..., body], bufs[1, ..., body]]
+    bufs = x.new_zeros((2,) + shape[:-1] + (2 * d,))
+    lo = 0 if reverse else d
+    views = (bufs[0, ..., lo : lo + d], bufs[1, ..., lo : lo + d])
     if x_scale is None:
         views[0].copy_(x)
     else:
         torch.mul(x, x_scale, out=views[0])
         if unscaled_first:
             views[0][..., 0] = x[..., 0]
-    coef = rho
-    k, src = 1, 0
-    while k < d:
-        shifted = bufs[src, ..., k : d + k] if reverse else bufs[src, ..., d - k : 2 * d - k]
+    src = 0
+    for i, coef in enumerate(powers):
+        k = 1 << i
+        shifted = bufs[src, ..., lo + k : lo + k + d] if reverse else bufs[src, ..., lo - k : lo - k + d]
         torch.addcmul(views[src], coef, shifted, out=views[1 - src])
         src = 1 - src
-        k *= 2
-        if k < d:
-            coef = coef * coef
     return views[src]
 
 
@@ -94,52 +134,126 @@ def ar1_filter(x: Tensor, rho: Tensor) -> Tensor:
         return _scan_first_order(x.expand(torch.broadcast_shapes(x.shape, rho.shape)), rho)
 
 
+# The dense filter is O(d^2) per sample against the scan's O(d log d), but a handful of calls instead
+# of 2 log2(d) + 6: while the (sample, d, d) product has at most this many entries, the calls cost
+# more than the arithmetic (measured on CPU, whole training steps: 3-14% saved at d = 8-12 with batch
+# 32-128, break-even near 2^15 entries, behind beyond).
+_DENSE_FILTER_MAX_ENTRIES = 1 << 14
+
+
+def _use_dense_filter(eps: Tensor) -> bool:
+    return eps.numel() * eps.shape[-1] <= _DENSE_FILTER_MAX_ENTRIES
+
+
+@functools.lru_cache(maxsize=64)
+def _hankel_exponents(d: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[d-1, ..., 1, 0, inf, ..., inf]`` (2d - 1 entries); for |rho| < 1, ``rho^inf = 0``."""
+    with torch.inference_mode(False):  # a constant reused under any mode, so an ordinary tensor
+        exponents = torch.arange(d - 1, -d, -1, dtype=dtype, device=device)
+        exponents[d:] = math.inf
+    return exponents
+
+
+def _hankel_filter(rho: Tensor, d: int) -> Tensor:
+    """``H[..., i, k] = rho^(d-1-i-k)`` for ``i + k <= d - 1``, else 0: a view, ``(..., d, d)``.
+
+    The lower-triangular filter ``F_rho`` (``F[j, k] = rho^(j-k)``, j >= k) with its rows reversed,
+    ``H = J F_rho``; a Hankel matrix, so symmetric and one ``unfold`` of a vector of ``2d - 1``
+    powers. Hence ``F_rho x = J (H x)`` and ``F_rho^T h = H (J h)``, with ``J`` the flip.
+    """
+    return rho.pow(_hankel_exponents(d, rho.dtype, rho.device)).unfold(-1, d, 1)
+
+
+def _hankel_product(hankel: Tensor, x: Tensor) -> Tensor:
+    """``hankel @ x`` over the last dimension; ``x`` is ``(..., d)`` and broadcasts against ``hankel``."""
+    return _vecdot(hankel, x.unsqueeze(-2))
+
+
+def _vecdot(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.linalg.vecdot`` in the inputs' dtype: autocast would run it in bfloat16/float16, and the
+    posterior's sample and KL must not lose precision inside someone's mixed-precision forward."""
+    device_type = a.device.type
+    try:
+        autocast = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        autocast = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (e.g. meta): nothing to turn off
+        autocast = False
+    if autocast:
+        with torch.autocast(device_type, enabled=False):
+            return torch.linalg.vecdot(a, b)
+    return torch.linalg.vecdot(a, b)
+
+
+def _first_order_only(backward: Callable, ctx, *grads: Tensor):
+    """Run an analytic ``backward`` that cannot be differentiated again.
+
+    Same behaviour as ``@once_differentiable``, whose wrapper (a ``no_grad`` block on every call) costs
+    more than some of the small backward passes here: the engine already runs backward with grad
+    mode off unless ``create_graph=True``, and only then is the wrapper needed.
+    """
+    if torch.is_grad_enabled():
+        return torch.autograd.function.once_differentiable(backward)(ctx, *grads)
+    return backward(ctx, *grads)
+
+
 class _AR1Reparameterisation(torch.autograd.Function):
     """``z = loc + scale * w``, ``w_0 = eps_0``, ``w_j = rho w_(j-1) + sqrt(1-rho^2) eps_j``, fused.
 
-    One node in the autograd graph instead of a dozen keeps the AR(1) sample cheap. Backward is the
-    adjoint filter of docs/math.md §4: with ``a = F_rho^T (scale * g)``,
-    ``dl/drho = sum_(j>=1) a_j (w_(j-1) - rho / sqrt(1-rho^2) * eps_j)``.
+    One node in the autograd graph instead of a dozen keeps the AR(1) sample cheap. The filter
+    ``w = F_rho x`` runs as a scan, or for small problems as one product with a Hankel view of the
+    powers of rho (docs/math.md §4 names both). Backward is the adjoint filter: with
+    ``a = F_rho^T (scale * g)``, ``dl/drho = sum_(j>=1) a_j (w_(j-1) - rho / sqrt(1-rho^2) * eps_j)``.
+    ``one_minus_rho_sq`` is ``1 - rho^2`` computed outside autograd (its gradient is in that formula).
     """
 
     @staticmethod
-    def forward(ctx, loc: Tensor, rho: Tensor, scale: Tensor, eps: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, loc: Tensor, rho: Tensor, scale: Tensor, eps: Tensor, one_minus_rho_sq: Tensor
+    ) -> Tensor:
         # eps carries the full shape sample_shape + batch_shape + (d,); the others broadcast to it.
-        innovation_scale = _one_minus_rho_sq(rho).sqrt()
-        w = _unit_ar1_path(rho, innovation_scale, eps)
-        ctx.save_for_backward(rho, scale, eps)
-        # w and innovation_scale are intermediates, not inputs or outputs: kept on ctx (documented
-        # practice for once-differentiable Functions), so backward does not recompute the scan.
-        ctx.w, ctx.innovation_scale = w, innovation_scale
+        d = eps.shape[-1]
+        innovation_scale = one_minus_rho_sq.sqrt()
+        # The reference code omits sqrt(1 - rho^2) and so samples another covariance.
+        if d == 1:
+            w, filter_ = eps, None
+        elif _use_dense_filter(eps):
+            filter_ = _hankel_filter(rho, d)
+            x = eps * innovation_scale
+            x[..., 0] = eps[..., 0]
+            w = _hankel_product(filter_, x).flip(-1)
+        else:
+            filter_ = _scan_powers(rho, d)
+            w = _scan_first_order(eps, rho, x_scale=innovation_scale, unscaled_first=True, powers=filter_)
+        # Intermediates, not inputs or outputs, are kept on ctx (documented practice for
+        # once-differentiable Functions), so backward rebuilds neither the filter nor the path.
+        ctx.saved = (rho, scale, eps, w, innovation_scale, filter_)
         ctx.shapes = (loc.shape, rho.shape, scale.shape)
         return torch.addcmul(loc, scale, w)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_z: Tensor):  # type: ignore[override]
-        rho, scale, eps = ctx.saved_tensors
-        w, innovation_scale = ctx.w, ctx.innovation_scale
-        loc_shape, rho_shape, scale_shape = ctx.shapes
-        needs_loc, needs_rho, needs_scale, _ = ctx.needs_input_grad
-        grad_loc = _reduce_to_shape(grad_z, loc_shape) if needs_loc else None
-        grad_scale = _reduce_to_shape(grad_z * w, scale_shape) if needs_scale else None
-        grad_rho = None
-        if needs_rho:
-            if w.shape[-1] > 1:
-                adjoint = _scan_first_order(grad_z, rho, reverse=True, x_scale=scale)
-                d_innovation = eps[..., 1:] * (rho / innovation_scale)
-                terms = adjoint[..., 1:] * (w[..., :-1] - d_innovation)
-                grad_rho = _reduce_to_shape(terms.sum(-1, keepdim=True), rho_shape)
+        return _first_order_only(_ar1_reparameterisation_backward, ctx, grad_z)
+
+
+def _ar1_reparameterisation_backward(ctx, grad_z: Tensor):
+    rho, scale, eps, w, innovation_scale, filter_ = ctx.saved
+    loc_shape, rho_shape, scale_shape = ctx.shapes
+    needs_loc, needs_rho, needs_scale = ctx.needs_input_grad[:3]
+    grad_loc = _reduce_to_shape(grad_z, loc_shape) if needs_loc else None
+    grad_scale = _reduce_to_shape(grad_z * w, scale_shape) if needs_scale else None
+    grad_rho = None
+    if needs_rho:
+        if filter_ is None:  # d = 1: rho enters nothing
+            grad_rho = torch.zeros(rho_shape, dtype=rho.dtype, device=rho.device)
+        else:
+            if isinstance(filter_, Tensor):
+                adjoint = _hankel_product(filter_, (grad_z * scale).flip(-1))
             else:
-                grad_rho = torch.zeros(rho_shape, dtype=rho.dtype, device=rho.device)
-        return grad_loc, grad_rho, grad_scale, None
-
-
-def _unit_ar1_path(rho: Tensor, innovation_scale: Tensor, eps: Tensor) -> Tensor:
-    """The unit-variance AR(1) path ``w = L_rho eps`` (docs/math.md eq. 3); eps has the full shape."""
-    if eps.shape[-1] == 1:
-        return eps.clone()
-    return _scan_first_order(eps, rho, x_scale=innovation_scale, unscaled_first=True)
+                adjoint = _scan_first_order(grad_z, rho, reverse=True, x_scale=scale, powers=filter_)
+            terms = torch.addcmul(w[..., :-1], eps[..., 1:], rho / innovation_scale, value=-1)
+            grad_rho = _reduce_to_shape((adjoint[..., 1:] * terms).sum(-1, keepdim=True), rho_shape)
+    return grad_loc, grad_rho, grad_scale, None, None
 
 
 def _one_minus_rho_sq(rho: Tensor) -> Tensor:
@@ -264,7 +378,22 @@ class AR1Normal(Distribution):
         self.scale = (
             scale if scale.shape[:-1] == batch_shape else scale.expand(batch_shape + scale.shape[-1:])
         )
-        super().__init__(batch_shape, torch.Size((d,)), validate_args=validate_args)
+        # Validation is on by default in torch. Its own check (three constraint evaluations, three
+        # host reads) costs more than the sample itself at small d: _args_valid makes the same test
+        # in two reductions, and only a failure runs torch's loop, for its message naming the argument.
+        event_shape = torch.Size((d,))
+        super().__init__(batch_shape, event_shape, validate_args=False)
+        self._keep_validate_args(validate_args)
+        if self._validate_args and not _args_valid(self.loc, self._one_minus_rho_sq_detached(), self.scale):
+            Distribution.__init__(self, batch_shape, event_shape, validate_args=True)
+            self._keep_validate_args(validate_args)
+
+    def _keep_validate_args(self, validate_args: bool | None) -> None:
+        """Record ``validate_args`` as torch does: ``None`` follows the class default at use time."""
+        if validate_args is None:
+            self.__dict__.pop("_validate_args", None)
+        else:
+            self._validate_args = validate_args
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(AR1Normal, _instance)
@@ -305,6 +434,14 @@ class AR1Normal(Distribution):
     def one_minus_rho_sq(self) -> Tensor:
         """``1 - rho^2``, shape ``batch_shape + (1,)``, computed without cancellation."""
         return _one_minus_rho_sq(self.rho)
+
+    def _one_minus_rho_sq_detached(self) -> Tensor:
+        """``1 - rho^2`` outside autograd, once per instance: shared by the argument check and the fused
+        sample and KL, which differentiate through it analytically."""
+        value = self.__dict__.get("_one_minus_rho_sq_value")
+        if value is None:
+            value = self._one_minus_rho_sq_value = _one_minus_rho_sq(self.rho.detach())
+        return value
 
     @lazy_property
     def log_det_covariance(self) -> Tensor:
@@ -359,10 +496,9 @@ class AR1Normal(Distribution):
         return inv_sd.unsqueeze(-1) * t_inv * inv_sd.unsqueeze(-2)
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        shape = self._extended_shape(sample_shape)
-        eps = _standard_normal(shape, dtype=self.loc.dtype, device=self.loc.device)
-        # The reference code omits sqrt(1 - rho^2) here and so samples another covariance.
-        return _AR1Reparameterisation.apply(self.loc, self.rho, self.scale, eps)
+        loc = self.loc
+        eps = torch.randn(self._extended_shape(sample_shape), dtype=loc.dtype, device=loc.device)
+        return _AR1Reparameterisation.apply(loc, self.rho, self.scale, eps, self._one_minus_rho_sq_detached())
 
     def log_prob(self, value: Tensor) -> Tensor:
         if self._validate_args:

@@ -6,6 +6,9 @@ Callers write ``kl_divergence(q, p)`` and never branch on types. All results are
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.distributions import Independent, MultivariateNormal, Normal, register_kl
@@ -15,7 +18,8 @@ from rhovae.distributions.ar1 import (
     _ar1_logdet,
     _ar1_mahalanobis,
     _ar1_precision_trace,
-    _one_minus_rho_sq,
+    _first_order_only,
+    _vecdot,
 )
 from rhovae.distributions.standard_normal import StandardNormal
 
@@ -27,35 +31,43 @@ class _KLAR1StandardNormal(torch.autograd.Function):
 
     Fused with its analytic gradient (``d/dmu = mu``, ``d/dsigma = sigma - 1/sigma``,
     ``d/drho = (d-1) rho / (1-rho^2)``): the most frequent term of every ρ-VAE loss costs one
-    autograd node instead of twenty.
+    autograd node instead of twenty. ``one_minus_rho_sq`` is ``1 - rho^2`` computed outside autograd.
     """
 
     @staticmethod
-    def forward(ctx, loc: Tensor, rho: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, loc: Tensor, rho: Tensor, scale: Tensor, one_minus_rho_sq: Tensor
+    ) -> Tensor:
         d = loc.shape[-1]
         repeat = d if scale.shape[-1] == 1 else 1  # a shared scale stands for d equal ones
         var = scale.square()
-        scale_terms = (var - 1 - var.log()).sum(-1) * repeat
-        one_minus_rho_sq = _one_minus_rho_sq(rho)
-        ctx.save_for_backward(loc, rho, scale, one_minus_rho_sq)
-        ctx.repeat = repeat
-        return 0.5 * (loc.square().sum(-1) + scale_terms - (d - 1) * one_minus_rho_sq.log()[..., 0])
+        var_minus_one = var - 1
+        scale_terms = (var_minus_one - var.log()).sum(-1)
+        kl = torch.add(_vecdot(loc, loc), scale_terms, alpha=repeat)
+        kl = torch.add(kl, one_minus_rho_sq.log()[..., 0], alpha=1 - d)
+        ctx.saved = (loc, rho, scale, one_minus_rho_sq, var_minus_one, repeat)
+        return kl.mul_(0.5)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        loc, rho, scale, one_minus_rho_sq = ctx.saved_tensors
-        g = grad.unsqueeze(-1)
-        d = loc.shape[-1]
-        grad_loc = g * loc if ctx.needs_input_grad[0] else None
-        grad_rho = g * ((d - 1) * rho / one_minus_rho_sq) if ctx.needs_input_grad[1] else None
-        grad_scale = g * (ctx.repeat * (scale - scale.reciprocal())) if ctx.needs_input_grad[2] else None
-        return grad_loc, grad_rho, grad_scale
+        return _first_order_only(_kl_ar1_standard_normal_backward, ctx, grad)
+
+
+def _kl_ar1_standard_normal_backward(ctx, grad: Tensor):
+    loc, rho, scale, one_minus_rho_sq, var_minus_one, repeat = ctx.saved
+    g = grad.unsqueeze(-1)
+    d = loc.shape[-1]
+    needs_loc, needs_rho, needs_scale = ctx.needs_input_grad[:3]
+    grad_loc = g * loc if needs_loc else None
+    grad_rho = (rho / one_minus_rho_sq).mul_(g * (d - 1)) if needs_rho else None
+    # sigma - 1/sigma = (sigma^2 - 1) / sigma
+    grad_scale = (var_minus_one / scale).mul_(g * repeat) if needs_scale else None
+    return grad_loc, grad_rho, grad_scale, None
 
 
 def kl_ar1_standard_normal(q: AR1Normal) -> Tensor:
     """``KL(q || N(0, I)) = 1/2 [|mu|^2 + sum sigma_i^2 - d - log det C]`` per sample (docs/math.md eq. 7)."""
-    return _KLAR1StandardNormal.apply(q.loc, q.rho, q.scale)
+    return _KLAR1StandardNormal.apply(q.loc, q.rho, q.scale, q._one_minus_rho_sq_detached())
 
 
 @register_kl(AR1Normal, StandardNormal)
@@ -74,22 +86,67 @@ def _kl_ar1_diagonal(q: AR1Normal, loc: Tensor, std: Tensor) -> Tensor:
     return 0.5 * (trace + mahalanobis - d + log_det_p - q.log_det_covariance)
 
 
+# owner -> (tensor versions, the tensors, verdict): see _remembered.
+_verdicts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _remembered(owner: object, tensors: tuple[Tensor, ...], decide: Callable[[], bool]) -> bool:
+    """``decide()``, evaluated once per ``owner`` while ``tensors`` stay the same objects, unmodified.
+
+    Deciding whether a prior is the standard normal reads its values (a host synchronisation on an
+    accelerator); a prior built once and used every step is so inspected once. An in-place edit bumps
+    a tensor's version and forces a fresh decision. The entry holds the tensors, so their ids stay
+    theirs while it lives; inference tensors have no version counter and are decided every time.
+    """
+    if any(t.is_inference() for t in tensors):
+        return decide()
+    stamp = [(id(t), t._version) for t in tensors]
+    seen = _verdicts.get(owner)
+    if seen is not None and seen[0] == stamp:
+        return seen[2]
+    verdict = decide()
+    _verdicts[owner] = (stamp, tensors, verdict)
+    return verdict
+
+
+def _is_fixed_standard_normal_base(base: Normal) -> bool:
+    """True for a constant N(0, 1): zero ``loc``, unit ``scale``, neither requiring grad.
+
+    ``Independent(Normal(torch.zeros(d), torch.ones(d)), 1)`` is how most code writes the prior; it
+    deserves the fused KL as much as :class:`StandardNormal` does.
+    """
+    loc, scale = base.loc, base.scale
+    if loc.requires_grad or scale.requires_grad:
+        return False  # a learnable prior must keep its gradients
+    return _remembered(base, (loc, scale), lambda: not bool(loc.any()) and bool((scale == 1).all()))
+
+
 @register_kl(AR1Normal, Independent)
 def _kl_ar1_independent(q: AR1Normal, p: Independent) -> Tensor:
-    if not isinstance(p.base_dist, Normal) or p.reinterpreted_batch_ndims != 1:
+    base = p.base_dist
+    if not isinstance(base, Normal) or p.reinterpreted_batch_ndims != 1:
         raise NotImplementedError("closed-form KL(AR1Normal || Independent) needs Independent(Normal, 1)")
     if p.event_shape != q.event_shape:
         raise ValueError(f"KL between event shapes {tuple(q.event_shape)} and {tuple(p.event_shape)}")
-    return _kl_ar1_diagonal(q, p.base_dist.loc, p.base_dist.scale)
+    if _is_fixed_standard_normal_base(base):
+        kl = kl_ar1_standard_normal(q)
+        if p.batch_shape and p.batch_shape != q.batch_shape:
+            kl = kl.expand(torch.broadcast_shapes(q.batch_shape, p.batch_shape))
+        return kl
+    return _kl_ar1_diagonal(q, base.loc, base.scale)
 
 
 def _is_fixed_standard_normal(p: MultivariateNormal) -> bool:
     """True for a constant N(0, I); a learnable prior must keep its gradients, so it never qualifies."""
-    tril = p._unbroadcasted_scale_tril
-    if p.loc.requires_grad or tril.requires_grad:
+    loc, tril = p.loc, p._unbroadcasted_scale_tril
+    if loc.requires_grad or tril.requires_grad:
         return False
-    eye = torch.eye(tril.shape[-1], dtype=tril.dtype, device=tril.device)
-    return bool(torch.count_nonzero(p.loc) == 0) and torch.equal(tril, eye.expand_as(tril))
+
+    def decide() -> bool:
+        eye = torch.eye(tril.shape[-1], dtype=tril.dtype, device=tril.device)
+        return not bool(loc.any()) and torch.equal(tril, eye.expand_as(tril))
+
+    return _remembered(p, (loc, tril), decide)
 
 
 @register_kl(AR1Normal, MultivariateNormal)
