@@ -34,7 +34,8 @@ class FlowPosterior(Distribution):
     ``log_prob`` accepts only tensors returned by this object's own ``rsample``/``sample`` (the cached
     log-density is returned); anything else raises ``NotImplementedError``. ``mean`` is the flow's image
     of the base mean, a deterministic summary used for reconstructions and active units, not ``E[z_K]``.
-    Attributes ``rho`` and ``scale`` of an AR(1) base are exposed for statistics.
+    Its base's statistics (e.g. an AR(1) base's rho) reach the trainer through
+    :func:`rhovae.posteriors.posterior_statistics`, which looks through the flow.
     """
 
     arg_constraints: dict = {}
@@ -47,9 +48,6 @@ class FlowPosterior(Distribution):
         self.base = base
         self.transforms = list(transforms)
         self._cache: tuple[Tensor, Tensor] | None = None
-        for name in ("rho", "scale"):
-            if hasattr(base, name):
-                setattr(self, name, getattr(base, name))
         super().__init__(base.batch_shape, base.event_shape, validate_args=validate_args)
 
     def _push(self, z: Tensor) -> tuple[Tensor, Tensor]:
