@@ -1,7 +1,7 @@
 """Assemble docs/results.md from finished `rhovae compare` output folders (no number is typed by hand).
 
-    python docs/make_results.py --conclusion docs/results-conclusion.md --commands docs/results/commands.json \
-        DIR [DIR ...]
+    python docs/make_results.py --conclusion docs/results-conclusion.md \
+        --commands docs/results/commands.json DIR [DIR ...]
 
 A DIR is either a `rhovae compare` output folder (its report.md, report.json, runs.csv and pictures
 are copied to docs/results/NAME/) or an already published docs/results/NAME folder (its report.md is

@@ -307,8 +307,10 @@ def test_not_a_zip(tmp_path):
 
 
 def test_dataset_names_and_their_check():
-    assert dataset_names() == ["fashion-mnist", "mnist", "mnist-5k", "npz:PATH", "folder:PATH"]
-    for ok in ("mnist", "npz:/x.npz", "folder:imgs"):
+    assert dataset_names() == [
+        "fashion-mnist", "mnist", "mnist-5k", "nas201", "layers", "words", "npz:PATH", "folder:PATH"
+    ]  # fmt: skip
+    for ok in ("mnist", "words", "npz:/x.npz", "folder:imgs"):
         check_dataset_name(ok)
     for bad in ("cifar", "npz:", "zip:x.zip"):
         with pytest.raises(RhovaeError, match="fashion-mnist.*npz:PATH.*folder:PATH"):

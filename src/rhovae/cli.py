@@ -106,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=int, help="override the experiment's epochs (e.g. for a quick look)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs only")
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run each grid cell as a Ray task on the cluster at ADDRESS (auto, HOST:PORT, "
+        "ray://HOST:PORT), or on a Ray instance started for the command (local); needs "
+        "pip install 'rhovae[ray]'",
+    )
+    p.add_argument(
+        "--ray-cpus-per-run", type=float, default=1.0, metavar="N",
+        help="CPUs (and torch threads) each Ray task holds (default: 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ray-gpus-per-run", type=float, default=0.0, metavar="N",
+        help="GPUs each Ray task holds; a fraction shares a GPU (default: 0)",
+    )  # fmt: skip
 
     p = sub.add_parser(
         "explore",
@@ -148,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_config(args: argparse.Namespace) -> RunConfig:
-    cfg = load_config(args.config) if args.config else RunConfig()
+    try:
+        cfg = load_config(args.config) if args.config else RunConfig()
+    except RecursionError:  # tomllib recurses once per level of nesting
+        raise RhovaeError(f"{args.config}: nested too deeply to be a run configuration") from None
     overrides = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(RunConfig)
@@ -171,12 +189,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg, run_dir, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty()
         )
     except KeyboardInterrupt:
-        where = (
-            f"the last finished epoch is in {run_dir / 'last.pt'} (continue with --resume)"
-            if (run_dir / "last.pt").exists()
-            else "no epoch had finished; run the same command again to start over"
-        )
-        print(f"rhovae: interrupted; {where}", file=sys.stderr)
+        print(f"rhovae: interrupted; {_saved_epoch(run_dir, cfg.epochs)}", file=sys.stderr)
         return 130
     if result.history:
         last = result.history[-1]
@@ -185,6 +198,28 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"(best validation {result.best_val_loss:.3f} at epoch {result.best_epoch})"
         )
     return 0
+
+
+def _saved_epoch(run_dir: Path, epochs: int) -> str:
+    """What an interrupted run left: the epoch its last.pt holds, read back, or that none finished."""
+    from rhovae.runs import load_checkpoint
+
+    last = run_dir / "last.pt"
+    if not last.exists():
+        return "no epoch had finished; run the same command again to start over"
+    try:
+        epoch = load_checkpoint(last)["epoch"]
+    except RhovaeError:
+        return f"{last} is unreadable; start over in a new --run-dir"
+    return f"epoch {epoch} of {epochs} is saved in {last} (continue with --resume)"
+
+
+MAX_SEED = 2**63
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < MAX_SEED:
+        raise RhovaeError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
 
 
 def _test_split(cfg: RunConfig, device, limit: int = 0):
@@ -197,6 +232,7 @@ def _test_split(cfg: RunConfig, device, limit: int = 0):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from rhovae.evaluate import evaluate_run, write_evaluation
 
+    _check_seed(args.seed)
     result = evaluate_run(args.run, args.iwae_k, args.checkpoint, args.limit, args.device, args.seed)
     cfg = result["config"]
     print(
@@ -251,6 +287,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if not 1 <= args.n <= MAX_SAMPLES:
         raise RhovaeError(f"-n must be between 1 and {MAX_SAMPLES}, got {args.n}")
+    _check_seed(args.seed)
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        raise RhovaeError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     model, _, ckpt = load_run(args.run, args.checkpoint, args.device)
     meta = ckpt.get("data_meta") or {}
     if "vocab" in meta:  # sequences: printed as text, one per line
@@ -306,6 +345,7 @@ def cmd_explore(args: argparse.Namespace) -> int:
     from rhovae.plots import explore
     from rhovae.runs import load_run, prepare_data
 
+    _check_seed(args.seed)
     model, cfg, _ = load_run(args.run, args.checkpoint, args.device)
     data = prepare_data(cfg, model.device)
     out = args.out or args.run / "explore"
@@ -335,7 +375,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             exp = dataclasses.replace(exp, run={**exp.run, **overrides})
         report = write_report(exp, out)
     else:
-        report = compare(exp, out, jobs=args.jobs, overrides=overrides)
+        report = compare(
+            exp, out, jobs=args.jobs, overrides=overrides, ray=args.ray,
+            ray_cpus_per_run=args.ray_cpus_per_run, ray_gpus_per_run=args.ray_gpus_per_run,
+        )  # fmt: skip
     print_summary(report)
     return 0
 
@@ -358,16 +401,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except RhovaeError as e:
-        print(f"rhovae: error: {e}", file=sys.stderr)
+        print(f"rhovae: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"rhovae: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"rhovae: error: {_one_line(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rhovae: interrupted", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        if _out_of_memory(e):
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(
+                f"rhovae: error: out of memory ({first}); use a smaller --batch-size, model, -n or --iwae-k",
+                file=sys.stderr,
+            )
+            return 2
         import traceback
 
         traceback.print_exc()
@@ -377,6 +427,23 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _one_line(text: str) -> str:
+    """A message as the one line the CLI promises (an embedded file name or quoted error may hold
+    line breaks)."""
+    return " ".join(text.split("\n")).strip()
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Host or device memory ran out: the input's size is the cause, not a bug."""
+    if isinstance(e, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom is not None and isinstance(e, oom):
+        return True
+    return isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["PYTHON_DATA", "RESUMABLE_FIELDS", "RunConfig", "load_config", "to_toml"]
+__all__ = ["PRECISIONS", "PYTHON_DATA", "RESUMABLE_FIELDS", "RunConfig", "load_config", "to_toml"]
 
 #: the dataset name of runs trained on data handed to ``rhovae.fit``
 PYTHON_DATA = "python"
+#: what ``precision`` may be: the dtype the encoder and decoder networks compute in
+PRECISIONS = ("fp32", "bf16")
 
 
 def _data_names() -> list[str]:
@@ -159,6 +161,18 @@ class RunConfig(ModelConfig):
     device: str = field(
         default="auto", metadata=_help("auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     )
+    precision: str = field(
+        default="fp32",
+        metadata=_help(
+            "fp32, or bf16: the encoder and decoder networks run under bfloat16 autocast while the "
+            "posterior, prior, KL, log-determinants and likelihood stay in float32",
+            lambda: list(PRECISIONS),
+        ),
+    )
+    compile: bool = field(
+        default=False,
+        metadata=_help("compile the encoder and decoder networks with torch.compile (slower first steps)"),
+    )
     pictures: bool = field(
         default=True, metadata=_help("write samples, reconstructions and loss curves each epoch")
     )
@@ -265,7 +279,8 @@ def _flag(name: str) -> str:
 
 
 # Fields a resumed run may change without becoming a different run.
-RESUMABLE_FIELDS = frozenset({"epochs", "device", "pictures", "early_stopping"})
+# (precision and compile choose how the same model computes, as the device does)
+RESUMABLE_FIELDS = frozenset({"epochs", "device", "pictures", "early_stopping", "precision", "compile"})
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -282,7 +297,9 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     elif kind is str:
         if isinstance(value, str):
             return value
-    raise RhovaeError(f"config key {name!r} must be a {kind.__name__}, got {value!r}")
+    shown = " ".join(repr(value).split())  # one line, whatever the value
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise RhovaeError(f"config key {name!r} must be a {kind.__name__}, got {shown}")
 
 
 def from_dict(values: dict[str, Any], base: RunConfig | None = None, where: str = "config") -> RunConfig:
@@ -312,6 +329,8 @@ def load_config(path: str | Path) -> RunConfig:
         raise RhovaeError(f"{path}: cannot read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise RhovaeError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:
+        raise RhovaeError(f"{path}: nested too deeply to be a rhovae config") from None
     return from_dict(values, where=str(path))
 
 

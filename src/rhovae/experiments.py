@@ -44,6 +44,7 @@ from typing import Any
 
 from rhovae.config import RunConfig, from_dict, tomllib
 from rhovae.errors import RhovaeError
+from rhovae.runs import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,14 @@ def _auto_dataset(settings: dict[str, Any]) -> dict[str, Any]:
     return {"dataset": "mnist-5k", "val_size": min(int(settings.get("val_size", 500)), 500)}
 
 
+_SECTIONS = {"name", "description", "grid", "run", "evaluate", "options"}
+_SCALAR_TYPES = (str, int, float, bool)
+
+
 def load_experiment(source: str | Path) -> Experiment:
-    """An experiment from a TOML file, or the preset of that name (``quick``, ``paper``, ``families``)."""
+    """An experiment from a TOML file, or the preset of that name (``quick``, ``paper``, ``families``).
+
+    Every key and type is checked here, so a mistake fails in one line before any run starts."""
     if str(source) in PRESETS:
         text = resources.files("rhovae.presets").joinpath(f"{source}.toml").read_text()
         where = f"preset {source}"
@@ -168,56 +175,158 @@ def load_experiment(source: str | Path) -> Experiment:
             raise RhovaeError(f"{path}: is a folder; give an experiment TOML file") from None
         except UnicodeDecodeError:
             raise RhovaeError(f"{path}: not UTF-8 text; an experiment is a TOML file") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+            raise RhovaeError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
         where = str(path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RhovaeError(f"{where}: not valid TOML ({e})") from None
-    unknown = set(raw) - {"name", "description", "grid", "run", "evaluate", "options"}
+    except RecursionError:
+        raise RhovaeError(f"{where}: nested too deeply to be an experiment") from None
+    unknown = set(raw) - _SECTIONS
     if unknown:
         raise RhovaeError(f"{where}: unknown section or key {sorted(unknown)[0]!r}")
-    grid = raw.get("grid", {})
+    name = raw.get("name", Path(str(source)).stem)
+    if not isinstance(name, str) or not name or not all(c.isprintable() and c not in "/\\" for c in name):
+        raise RhovaeError(f"{where}: name must be a non-empty string without slashes, got {name!r:.60}")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise RhovaeError(f"{where}: description must be a string")
+    run = _table(raw, "run", where)
+    from_dict(run, where=f"{where} [run]")  # unknown keys and wrong types fail now, not in a run
+    options: dict[str, dict[str, dict[str, Any]]] = {}
+    for key, bundles in _table(raw, "options", where).items():
+        if (
+            not isinstance(bundles, dict)
+            or not bundles
+            or not all(isinstance(b, dict) for b in bundles.values())
+        ):
+            raise RhovaeError(
+                f"{where}: [options.{key}] must name tables of run settings, e.g. [options.{key}.a]"
+            )
+        for label, settings in bundles.items():
+            from_dict(settings, where=f"{where} [options.{key}.{label}]")
+        options[key] = bundles
+    grid = _table(raw, "grid", where)
     if not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise RhovaeError(f"{where}: [grid] must map run settings to non-empty lists")
-    evaluate = raw.get("evaluate", {})
+    for key, values in grid.items():
+        for value in values:
+            if not isinstance(value, _SCALAR_TYPES) or (isinstance(value, str) and not value.isprintable()):
+                raise RhovaeError(
+                    f"{where}: [grid] {key} holds {value!r:.60}; grid values are single settings"
+                )
+            if key in options:
+                if value not in options[key]:
+                    known = ", ".join(options[key])
+                    raise RhovaeError(
+                        f"{where}: [grid] {key} = {value!r} is not one of [options.{key}]: {known}"
+                    )
+            else:
+                from_dict({key: value}, where=f"{where} [grid]")
+    evaluate = _table(raw, "evaluate", where)
     extra = set(evaluate) - {"iwae_k", "iwae_limit", "baseline"}
     if extra:
         raise RhovaeError(f"{where}: unknown key {sorted(extra)[0]!r} in [evaluate]")
+    iwae_k, iwae_limit = evaluate.get("iwae_k", 1000), evaluate.get("iwae_limit", 0)
+    baseline = evaluate.get("baseline", "diagonal")
+    for label, value, low in (("iwae_k", iwae_k, 1), ("iwae_limit", iwae_limit, 0)):
+        if type(value) is not int or not low <= value < 2**63:
+            raise RhovaeError(
+                f"{where}: [evaluate] {label} must be a whole number >= {low}, got {value!r:.40}"
+            )
+    if not isinstance(baseline, str):
+        raise RhovaeError(f"{where}: [evaluate] baseline must be a posterior's name, got {baseline!r:.40}")
     return Experiment(
-        name=raw.get("name", Path(str(source)).stem),
-        description=raw.get("description", ""),
+        name=name,
+        description=description,
         grid=grid,
-        run=raw.get("run", {}),
-        iwae_k=int(evaluate.get("iwae_k", 1000)),
-        iwae_limit=int(evaluate.get("iwae_limit", 0)),
-        baseline=str(evaluate.get("baseline", "diagonal")),
-        options=raw.get("options", {}),
+        run=run,
+        iwae_k=iwae_k,
+        iwae_limit=iwae_limit,
+        baseline=baseline,
+        options=options,
     )
+
+
+def _table(raw: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise RhovaeError(f"{where}: {key} must be a table ([{key}]), got {value!r:.40}")
+    return value
 
 
 # --- running ----------------------------------------------------------------------------------------
 
 
-def _finished(run_dir: Path, cfg: RunConfig, iwae_k: int, iwae_limit: int) -> bool:
+def _evaluation(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``evaluation.json``; None when there is none. A damaged one is a RhovaeError."""
     path = run_dir / "evaluation.json"
-    if not path.exists():
-        return False
     try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return False
-    return (
-        record.get("config") == cfg.to_dict()
-        and record.get("iwae_k") == iwae_k
-        and (iwae_limit == 0 or record.get("test_images") == iwae_limit)
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RhovaeError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        record = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise RhovaeError(
+            f"{path}: not complete JSON (truncated?); the run will be evaluated again"
+        ) from None
+    if not isinstance(record, dict):
+        raise RhovaeError(f"{path}: not an evaluation record; the run will be evaluated again")
+    return record
+
+
+# settings that change where a run computes or what it draws, not its numbers
+_PLACEMENT = ("device", "pictures")
+
+
+def _matches(record: dict[str, Any], cfg: RunConfig, iwae_k: int, iwae_limit: int) -> bool:
+    """Whether an evaluation record is of these settings: the run's config (but where it ran), k, and the
+    requested number of test images (recorded by :func:`run_one`; older records only have the number
+    evaluated)."""
+    limit_ok = (
+        record.get("iwae_limit") == iwae_limit
+        if "iwae_limit" in record
+        else iwae_limit == 0 or record.get("test_images") == iwae_limit
     )
+    config = record.get("config")
+    if not isinstance(config, dict):
+        return False
+    try:  # settings added since the record was written take their defaults
+        config = from_dict(config).to_dict()
+    except RhovaeError:
+        return False
+    same = {k: v for k, v in config.items() if k not in _PLACEMENT} == {
+        k: v for k, v in cfg.to_dict().items() if k not in _PLACEMENT
+    }
+    return same and record.get("iwae_k") == iwae_k and limit_ok
+
+
+def _finished(run_dir: Path, cfg: RunConfig, iwae_k: int, iwae_limit: int) -> bool:
+    try:
+        record = _evaluation(run_dir)
+    except RhovaeError as e:
+        log.warning("%s", e)
+        return False
+    return record is not None and _matches(record, cfg, iwae_k, iwae_limit)
+
+
+IN_USE = "in use by another process; skipped"
 
 
 def run_one(run_id: str, cfg_dict: dict, run_dir: str, iwae_k: int, iwae_limit: int, threads: int = 0) -> str:
-    """Train (or resume) and evaluate one run; a no-op for a finished one. Returns what it did."""
+    """Train (or resume) and evaluate one run, holding its folder's lock throughout; a no-op for a
+    finished one. A folder that another live process holds is skipped (:data:`IN_USE`), so two
+    ``compare`` commands on one output folder share the work instead of training every run twice.
+    Returns what it did."""
     import torch
 
     from rhovae.evaluate import evaluate_run, write_evaluation
+    from rhovae.runs import RunInUse, RunLock
     from rhovae.train import train
 
     if threads:
@@ -226,25 +335,63 @@ def run_one(run_id: str, cfg_dict: dict, run_dir: str, iwae_k: int, iwae_limit: 
     path = Path(run_dir)
     if _finished(path, cfg, iwae_k, iwae_limit):
         return "done before"
-    resume = (path / "last.pt").exists()
-    train(cfg, path, resume=resume, progress=False)
-    write_evaluation(path, evaluate_run(path, iwae_k=iwae_k, limit=iwae_limit, device=cfg.device))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RhovaeError(f"cannot create run folder {path}: {e.strerror}") from None
+    try:
+        with RunLock(path):
+            if _finished(path, cfg, iwae_k, iwae_limit):  # finished by the process that held it
+                return "done before"
+            resume = (path / "last.pt").exists()
+            train(cfg, path, resume=resume, progress=False)
+            record = evaluate_run(path, iwae_k=iwae_k, limit=iwae_limit, device=cfg.device)
+            write_evaluation(path, {**record, "iwae_limit": iwae_limit})
+    except RunInUse as e:
+        log.warning("%s: %s", run_id, e)
+        return IN_USE
     return "resumed" if resume else "trained"
 
 
 def compare(
-    exp: Experiment, out_dir: str | Path, jobs: int = 1, overrides: dict[str, Any] | None = None
+    exp: Experiment,
+    out_dir: str | Path,
+    jobs: int = 1,
+    overrides: dict[str, Any] | None = None,
+    ray: str | None = None,
+    ray_cpus_per_run: float = 1.0,
+    ray_gpus_per_run: float = 0.0,
 ) -> Path:
-    """Run every point of ``exp`` into ``out_dir/runs`` (skipping finished ones) and write the report."""
+    """Run every point of ``exp`` into ``out_dir/runs`` (skipping finished ones) and write the report.
+
+    ``jobs`` runs train at once in local processes; with ``ray`` (an address, or ``local``) every run
+    is a Ray task with those resources instead (:func:`rhovae.ray_backend.run_tasks`)."""
     out = Path(out_dir)
     if overrides:
         exp = dataclasses.replace(exp, run={**exp.run, **overrides})
+    if ray:
+        from rhovae.ray_backend import import_ray
+
+        import_ray()  # before anything is written: without Ray, say how to install it
+        if jobs > 1:
+            raise RhovaeError("--jobs and --ray exclude each other: Ray places the runs by their resources")
     runs = exp.configs()
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "experiment.json").write_text(json.dumps(dataclasses.asdict(exp), indent=2) + "\n")
+    write_text_atomic(out / "experiment.json", json.dumps(dataclasses.asdict(exp), indent=2) + "\n")
     start = time.perf_counter()
     jobs = max(1, min(jobs, len(runs)))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    if ray:
+        from rhovae.ray_backend import run_tasks
+
+        # absolute folders: a Ray worker starts elsewhere; as many threads as the CPUs it holds
+        threads = max(1, int(ray_cpus_per_run))
+        tasks = [
+            (rid, cfg.to_dict(), str((out / "runs" / rid).resolve()), exp.iwae_k, exp.iwae_limit, threads)
+            for rid, cfg in runs
+        ]
+        run_tasks(tasks, ray, ray_cpus_per_run, ray_gpus_per_run)
+        return write_report(exp, out, wall_seconds=time.perf_counter() - start)
     tasks = [
         (rid, cfg.to_dict(), str(out / "runs" / rid), exp.iwae_k, exp.iwae_limit, threads)
         for rid, cfg in runs
@@ -297,22 +444,34 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def _collect(exp: Experiment, out: Path) -> list[dict[str, Any]]:
+    """One row per finished run (its evaluation matches the grid point's settings); a run whose files
+    are damaged or belong to other settings is left out with a warning, never an error."""
     rows = []
     for rid, cfg, choices in exp.points():
         run_dir = out / "runs" / rid
-        path = run_dir / "evaluation.json"
-        if not path.exists():
+        try:
+            record = _evaluation(run_dir)
+            if record is None:
+                continue
+            if not _matches(record, cfg, exp.iwae_k, exp.iwae_limit):
+                raise RhovaeError(
+                    f"{run_dir / 'evaluation.json'} was made with other settings; run compare to redo it"
+                )
+            with open(run_dir / "metrics.csv", encoding="utf-8", newline="") as f:
+                history = list(csv.DictReader(f))
+            row = {"run": rid, **choices, "kl_estimator": cfg.kl_estimator}
+            row.update({k: record[k] for k in METRICS + OPTIONAL_METRICS if k in record})
+            row["epoch_seconds"] = sum(float(h["epoch_seconds"]) for h in history) / len(history)
+            row["parameters"] = record.get("parameters")
+            row["iwae_k"] = record["iwae_k"]
+            row["test_images"] = record["test_images"]
+            row["_history"] = [(int(h["epoch"]), float(h["test_loss"])) for h in history]
+            for m in METRICS:
+                float(row[m])  # every figure the report averages is there and a number
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, csv.Error) as e:
+            text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            log.warning("%s: left out of the report: %s", run_dir, text.splitlines()[0])
             continue
-        record = json.loads(path.read_text())
-        with open(run_dir / "metrics.csv") as f:
-            history = list(csv.DictReader(f))
-        row = {"run": rid, **choices, "kl_estimator": cfg.kl_estimator}
-        row.update({k: record[k] for k in METRICS + OPTIONAL_METRICS if k in record})
-        row["epoch_seconds"] = sum(float(h["epoch_seconds"]) for h in history) / len(history)
-        row["parameters"] = record.get("parameters")
-        row["iwae_k"] = record["iwae_k"]
-        row["test_images"] = record["test_images"]
-        row["_history"] = [(int(h["epoch"]), float(h["test_loss"])) for h in history]
         row["_dir"] = str(run_dir)
         rows.append(row)
     return rows
@@ -328,6 +487,11 @@ def write_report(exp: Experiment, out: str | Path, wall_seconds: float | None = 
     rows = _collect(exp, out)
     if not rows:
         raise RhovaeError(f"{out}: no finished runs to report")
+    if wall_seconds is None:  # --report-only keeps the wall time of the compare that trained the runs
+        try:
+            wall_seconds = json.loads((out / "report.json").read_text()).get("wall_seconds")
+        except (OSError, ValueError, AttributeError):
+            wall_seconds = None
     setup_keys = _setup_keys(exp)
     metrics = METRICS + [m for m in OPTIONAL_METRICS if all(m in r for r in rows)]
     posteriors = list(dict.fromkeys(r["posterior"] for r in rows)) if "posterior" in exp.grid else []
@@ -390,14 +554,14 @@ def write_report(exp: Experiment, out: str | Path, wall_seconds: float | None = 
         if legacy
         else "",
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
     buf = io.StringIO()
     fields = list(clean[0])
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(clean)
-    (out / "runs.csv").write_text(buf.getvalue())
-    (out / "report.md").write_text(_markdown(exp, report, setup_keys, legacy))
+    write_text_atomic(out / "runs.csv", buf.getvalue())
+    write_text_atomic(out / "report.md", _markdown(exp, report, setup_keys, legacy))
     return out / "report.md"
 
 
@@ -424,7 +588,7 @@ def _markdown(exp: Experiment, report: dict, setup_keys: list[str], legacy: bool
         f"Python {m['python']}" + (f"; wall time {wall / 60:.1f} min" if wall else "") + ".",
         f"IWAE with k = {exp.iwae_k}"
         + (f" on the first {exp.iwae_limit} test images" if exp.iwae_limit else " on every test image")
-        + ". All losses in nats per image.",
+        + ". All losses in nats per example (image or sequence).",
         "",
     ]
     fixed = ", ".join(f"{k} = {v}" for k, v in exp.run.items())
@@ -479,6 +643,8 @@ def _pictures(exp, out: Path, rows, setup_keys, setups, posteriors) -> list[dict
     import matplotlib.image as mpimg
     import matplotlib.pyplot as plt
 
+    from rhovae.plots import _atomic_png
+
     pictures = []
     for setup in setups:
         label = "-".join(str(v) for v in setup) or "all"
@@ -505,13 +671,13 @@ def _pictures(exp, out: Path, rows, setup_keys, setups, posteriors) -> list[dict
                     alpha=0.2,
                 )
         ax.set_xlabel("epoch")
-        ax.set_ylabel("test loss (nats per image)")
+        ax.set_ylabel("test loss (nats per example)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
         path = f"curves-{label}.png"
-        fig.savefig(out / path, dpi=100)
+        _atomic_png(out / path, lambda p, fig=fig: fig.savefig(p, dpi=100))
         plt.close(fig)
         pictures.append({"title": f"Test loss per epoch (mean ± sd over seeds): {title}", "path": path})
         for kind in ("samples", "reconstructions"):
@@ -529,7 +695,7 @@ def _pictures(exp, out: Path, rows, setup_keys, setups, posteriors) -> list[dict
                 ax.axis("off")
             fig.tight_layout()
             path = f"{kind}-{label}.png"
-            fig.savefig(out / path, dpi=100)
+            _atomic_png(out / path, lambda p, fig=fig: fig.savefig(p, dpi=100))
             plt.close(fig)
             what = (
                 "Random samples from the prior"
@@ -541,9 +707,21 @@ def _pictures(exp, out: Path, rows, setup_keys, setups, posteriors) -> list[dict
 
 
 def print_summary(report_path: Path, stream=sys.stdout) -> None:
-    """A short table for the terminal: each setup's posteriors with test −ELBO and IWAE NLL."""
-    report = json.loads((report_path.parent / "report.json").read_text())
-    for s in report["summary"]:
+    """A short table for the terminal: each setup's posteriors with test −ELBO and IWAE NLL, and how
+    many of the grid's runs the report holds."""
+    path = report_path.parent / "report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        summary, paired = report["summary"], report["paired"]
+        runs = len(report["runs"])
+        grid = report["experiment"]["grid"]
+        total = math.prod(len(v) for v in grid.values())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise RhovaeError(
+            f"{path}: unreadable report ({text.splitlines()[0]}); rebuild it with --report-only"
+        ) from None
+    for s in summary:
         setup = ", ".join(
             f"{v}"
             for k, v in s.items()
@@ -554,11 +732,17 @@ def print_summary(report_path: Path, stream=sys.stdout) -> None:
             f"IWAE {_fmt(s['iwae_nll'])}   ({s['seeds']} seeds)",
             file=stream,
         )
-    for p in report["paired"]:
+    for p in paired:
         d = p["iwae_nll"]
         ci = "" if math.isnan(d["low"]) else f" [{d['low']:+.2f}, {d['high']:+.2f}]"
         print(
             f"Δ IWAE NLL {p['posterior']} − {p['baseline']}: {d['mean']:+.2f}{ci} (95% CI over seeds)",
+            file=stream,
+        )
+    if runs < total:
+        print(
+            f"the report holds {runs} of the grid's {total} runs; the others are unfinished or in use by "
+            "another process (run the same command again to complete it)",
             file=stream,
         )
     print(f"report: {report_path}", file=stream)

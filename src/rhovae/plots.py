@@ -56,21 +56,27 @@ def image_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndar
 
 
 def _atomic_png(path: Path, writer) -> None:
+    """``writer(tmp_path)`` into a unique temporary file beside ``path``, then rename: a picture is
+    whole or absent; on any failure the temporary file is removed and the error is one line."""
     import tempfile
 
-    from rhovae.errors import RhovaeError
+    from rhovae.runs import _file_mode, _write_failed
 
+    path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:
-        raise RhovaeError(f"cannot write {path}: {e.strerror}") from None
+        raise _write_failed(path, e) from None
     try:
         writer(tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise RhovaeError(f"cannot write {path}: {e.strerror}") from None
+        if isinstance(e, OSError):
+            raise _write_failed(path, e) from None
+        raise
 
 
 def save_sequence_text(model, data, run_dir: Path, seed: int = 0) -> list[Path]:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import logging
 import os
 import platform
+import re
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,8 +32,11 @@ from rhovae.errors import RhovaeError
 from rhovae.likelihoods import LIKELIHOODS
 from rhovae.model import MODELS, VAE, build_model
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "RunInUse",
     "RunLock",
     "check_run_dir",
     "load_checkpoint",
@@ -88,28 +95,71 @@ def _write_failed(path: Path, e: OSError) -> RhovaeError:
     return RhovaeError(f"cannot write {path}: {reason}; free space or choose a writable --run-dir")
 
 
+@functools.lru_cache(maxsize=1)
+def _file_mode() -> int:
+    """The mode a plain ``open()`` would give a new file (0o666 less the umask); mkstemp's is 0o600."""
+    try:  # Linux says it without changing it
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+class _Recording:
+    """A file whose ``write`` keeps the OSError it raised: ``torch.save`` replaces that error by a
+    RuntimeError ("unexpected pos ..."), which would hide a full disk behind an internal error."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+# what mkstemp names the temporary files of _atomic (".NAME.XXXXXXXX.tmp") and of the pictures
+# (".NAME.XXXXXXXX.png"): anything matching in a locked run folder was left by a killed writer
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|png)$")
+
+
 def _atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write to a uniquely named temporary file beside ``path``, fsync, then rename over ``path``.
 
     A reader sees the old file or the new one, never a torn one; two writers never share a temporary
-    name; on any failure the temporary file is removed and the old ``path`` stays.
+    name; on any failure (a full or read-only disk, an interrupt) the temporary file is removed and the
+    old ``path`` stays. The new file gets the permissions a plain ``open`` would give it.
     """
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _write_failed(path, e) from None
+    f = None
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode) as raw:
+            f = _Recording(raw)
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
+        with contextlib.suppress(OSError):  # some file systems have no modes; the data matters more
+            os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
             raise _write_failed(path, e) from None
+        if f is not None and f.error is not None:
+            raise _write_failed(path, f.error) from None
         if isinstance(e, RuntimeError) and "write" in str(e).lower():  # torch's zip writer on a full disk
             raise RhovaeError(f"cannot write {path}: {str(e).splitlines()[0]}; free space") from None
         raise
@@ -127,14 +177,26 @@ def write_text_atomic(path: Path, text: str) -> None:
 # --- locking ----------------------------------------------------------------------------------------
 
 
+class RunInUse(RhovaeError):
+    """Another process holds the run folder's lock."""
+
+
+# the run folders this process holds, so that a holder may enter the lock again (``rhovae compare``
+# holds a run's folder across training and evaluation; training takes the same lock inside)
+_HELD: dict[str, tuple[tuple[int, int], int, Any]] = {}  # folder -> ((pid, thread), depth, lock file)
+_HELD_GUARD = threading.Lock()
+
+
 class RunLock:
     """An advisory lock on a run folder (``fcntl.flock`` on ``RUN/.lock``) for as long as a process
-    trains in it. A second writer gets a clear refusal; the lock of a process that died is released by
-    the operating system, so it is taken over without any stale-file cleanup. Elsewhere than POSIX it
-    is a no-op."""
+    trains in it. A second writer gets a clear refusal (:class:`RunInUse`); the lock of a process that
+    died is released by the operating system, so it is taken over without any stale-file cleanup. The
+    thread holding it may enter it again. On taking it, temporary files that a killed writer left in the
+    folder are removed. Elsewhere than POSIX it is a no-op."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / ".lock"
+        self._key = os.path.realpath(run_dir)
         self._file = None
 
     def __enter__(self) -> RunLock:
@@ -142,29 +204,70 @@ class RunLock:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return self
-        try:
-            self._file = open(self.path, "a+")  # noqa: SIM115 - held for the lock's lifetime
-        except OSError as e:
-            raise _write_failed(self.path, e) from None
-        try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.close()
-            self._file = None
-            raise RhovaeError(
-                f"{self.path.parent} is in use by another rhovae process; wait for it or choose "
-                "another --run-dir"
-            ) from None
-        self._file.seek(0)
-        self._file.truncate()
-        self._file.write(f"{os.getpid()}\n")
-        self._file.flush()
+        with _HELD_GUARD:
+            held = _HELD.get(self._key)
+            if held is not None and held[0][0] != os.getpid():  # inherited by a fork: not ours
+                del _HELD[self._key]
+                held = None
+            if held is not None:
+                owner, depth, file = held
+                if owner != _holder():
+                    raise RunInUse(f"{self.path.parent} is in use by another thread of this process")
+                _HELD[self._key] = (owner, depth + 1, file)
+                return self
+            try:
+                file = open(self.path, "a+")  # noqa: SIM115 - held for the lock's lifetime
+            except OSError as e:
+                raise _write_failed(self.path, e) from None
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = ""
+                with contextlib.suppress(OSError, ValueError):
+                    file.seek(0)
+                    pid = file.read(32).strip()
+                file.close()
+                raise RunInUse(
+                    f"{self.path.parent} is in use by another rhovae process"
+                    + (f" (pid {pid})" if pid.isdigit() else "")
+                    + "; wait for it or choose another --run-dir"
+                ) from None
+            with contextlib.suppress(OSError):  # the pid is for people; the flock is the lock
+                file.seek(0)
+                file.truncate()
+                file.write(f"{os.getpid()}\n")
+                file.flush()
+            _HELD[self._key] = (_holder(), 1, file)
+        self._file = file
+        _remove_temporaries(self.path.parent)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._file is not None:
-            self._file.close()  # closing releases the flock
+        with _HELD_GUARD:
+            held = _HELD.get(self._key)
+            if held is None:
+                return
+            owner, depth, file = held
+            if depth > 1:
+                _HELD[self._key] = (owner, depth - 1, file)
+                return
+            del _HELD[self._key]
+            file.close()  # closing releases the flock
             self._file = None
+
+
+def _holder() -> tuple[int, int]:
+    return os.getpid(), threading.get_ident()
+
+
+def _remove_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files of writers killed in ``run_dir`` (only its lock holder may)."""
+    with contextlib.suppress(OSError):
+        for p in run_dir.iterdir():
+            if _TEMPORARY.match(p.name) and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    log.info("removed %s, left by an interrupted write", p)
 
 
 # --- reading a run ----------------------------------------------------------------------------------
@@ -181,16 +284,55 @@ def load_checkpoint(path: Path, resume: bool = False) -> dict[str, Any]:
         raise RhovaeError(f"{path}: is a folder, not a checkpoint") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt file to the user
         raise RhovaeError(f"{path}: unreadable checkpoint ({type(e).__name__}); it may be corrupt") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else None
+    found = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if type(found) is not int or found != CHECKPOINT_FORMAT:
         raise RhovaeError(
-            f"{path}: not a rhovae checkpoint of format {CHECKPOINT_FORMAT} (found {found!r}); "
+            f"{path}: not a rhovae checkpoint of format {CHECKPOINT_FORMAT} (found {_short(found)}); "
             "retrain with this version"
         )
     missing = [k for k in CHECKPOINT_KEYS + (RESUME_KEYS if resume else ()) if k not in ckpt]
     if missing:
         raise RhovaeError(f"{path}: checkpoint lacks {', '.join(missing)}; it is damaged, retrain")
+    damaged = [k for k, ok in _ENTRY_CHECKS.items() if k in ckpt and not ok(ckpt[k])]
+    if damaged:
+        raise RhovaeError(f"{path}: checkpoint entry {', '.join(damaged)} is damaged; retrain")
     return ckpt
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _is_count(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+# what each entry must be, so that a damaged (or hand-made) checkpoint fails here, in one line, and not
+# deep inside the model or optimiser
+_ENTRY_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "config": lambda v: (  # RunConfig fields are plain values
+        isinstance(v, dict)
+        and all(isinstance(k, str) and isinstance(x, (bool, int, float, str)) for k, x in v.items())
+    ),
+    "data_shape": lambda v: (
+        isinstance(v, (list, tuple)) and 0 < len(v) <= 8 and all(_is_count(n) and n > 0 for n in v)
+    ),
+    "preprocessing": lambda v: isinstance(v, dict),
+    "data_meta": lambda v: v is None or isinstance(v, dict),
+    "epoch": _is_count,
+    "model": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+    "optimizer": lambda v: isinstance(v, dict),
+    "scheduler": lambda v: isinstance(v, dict),
+    "rng": lambda v: (
+        isinstance(v, dict)
+        and all(isinstance(v.get(k), torch.Tensor) for k in ("torch", "shuffle", "pixels"))
+    ),
+    "history": lambda v: isinstance(v, list) and all(isinstance(row, dict) for row in v),
+    "best_val": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "best_epoch": _is_count,
+    "stale": _is_count,
+}
 
 
 def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> dict[str, Any] | None:
@@ -286,13 +428,16 @@ def load_run(
             f"{run_dir} was trained with your own networks: load it from Python with "
             "rhovae.load(run_dir, encoder=..., decoder=...) (fresh instances of the same classes)"
         )
-    model = build_model(
-        cfg, tuple(ckpt["data_shape"]), encoder=encoder, decoder=decoder, meta=ckpt.get("data_meta") or {}
-    )
+    cfg.validate(custom_networks=encoder is not None, python_data=cfg.dataset == PYTHON_DATA)
     try:
+        model = build_model(
+            cfg, tuple(ckpt["data_shape"]), encoder=encoder, decoder=decoder, meta=ckpt.get("data_meta") or {}
+        )
         model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        if isinstance(e, RhovaeError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RhovaeError(f"{path} does not fit its config: {first}") from None
     model.preprocessing = Preprocessing.from_dict(ckpt["preprocessing"])
     model.to(pick_device(device)).eval()

@@ -3,11 +3,37 @@
 ``train(cfg, run_dir)`` writes ``config.toml``, then per epoch ``metrics.csv``, ``last.pt``, ``best.pt``
 (on validation improvement) and pictures. ``resume=True`` continues from ``last.pt`` and gives the
 numbers an uninterrupted run would. A non-finite loss stops training with the last good checkpoint
-kept. One process, one device.
+kept.
+
+One process trains on one device. Launched by torchrun (``WORLD_SIZE`` > 1), the same loop trains one
+run on several processes with DistributedDataParallel (gloo on CPU, NCCL on CUDA, one GPU per
+process; :mod:`rhovae.distributed`):
+
+- ``batch_size`` is the global batch: every rank draws the same seeded permutation each epoch and takes
+  its contiguous share, ``batch_size / world`` examples (a batch size the world does not divide is
+  refused). Each rank weights its mean loss by its share of the global batch, so the gradient DDP
+  averages is the one-process gradient of the global batch, last partial batch included (exactly so for
+  the ELBO; the InfoVAE MMD, free bits and the paper-legacy KL are computed per rank's share, as
+  BatchNorm statistics are on CPU; on CUDA BatchNorm becomes SyncBatchNorm).
+- Each rank draws its own sampling noise (rank 0 seeded as one process is, the others from the seed
+  and their rank); the shuffling and binarisation generators are the same on every rank. Training
+  metrics are summed over ranks; the per-step NaN check is one all-reduce, so all ranks stop together.
+- Rank 0 alone holds the run lock, writes config, metrics, checkpoints and pictures, and evaluates the
+  validation and test splits (the figures a one-process run would compute, one code path, at the cost
+  of the other ranks waiting); it broadcasts the epoch's row so every rank takes the same schedule and
+  early-stopping decisions. ``last.pt`` keeps every rank's random state; every rank resumes from it
+  (broadcast from rank 0, so only rank 0 needs the run folder), exactly when the number of processes
+  is the same. A rank that dies makes torchrun stop the others; ``resume=True`` then continues.
+
+``precision = "bf16"`` runs the encoder and decoder networks under bfloat16 autocast and casts their
+outputs to float32, so posterior heads, distributions, KL, log-determinants and the likelihood compute
+in float32; ``compile`` compiles those two networks (:meth:`torch.nn.Module.compile`). On CUDA,
+``cudnn.benchmark`` is on while training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -20,8 +46,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rhovae import distributed
 from rhovae.config import RunConfig, to_toml
 from rhovae.data import Data
+from rhovae.distributed import SINGLE, Cluster
 from rhovae.errors import RhovaeError
 from rhovae.evaluate import elbo_terms
 from rhovae.model import VAE, VAEOutput, build_model, check_networks
@@ -31,6 +59,7 @@ from rhovae.runs import (
     CHECKPOINT_FORMAT,
     RunLock,
     check_run_dir,
+    eval_mode,
     pick_device,
     prepare_data,
     save_atomic,
@@ -115,6 +144,8 @@ class Run:
     pixels: torch.Generator  # dynamic binarisation (on the data's device)
     state: TrainState = field(default_factory=TrainState)
     progress: bool = False
+    cluster: Cluster = SINGLE  # the processes training this run together (DDP under torchrun)
+    step_model: nn.Module | None = None  # what a step calls: the DDP wrapper, or None (the model)
 
     def rng_state(self) -> dict[str, Tensor]:
         state = {
@@ -167,33 +198,74 @@ def train(
     """
     cfg.validate(custom_networks=encoder is not None, python_data=data is not None)
     run_dir = Path(run_dir)
+    with contextlib.ExitStack() as stack:
+        cluster, device = distributed.join(pick_device(cfg.device))
+        if cfg.batch_size % cluster.world:
+            raise RhovaeError(
+                f"--batch-size {cfg.batch_size} is the global batch and must split evenly over "
+                f"{cluster.world} processes; use a multiple of {cluster.world}"
+            )
+        ckpt = cluster.on_main(lambda: _open_run_dir(cfg, run_dir, resume, stack))
+        if data is None:
+            data = prepare_data(cfg, device)
+        elif cluster.world > 1 and isinstance(data.train, Tensor) and data.train.device != device:
+            raise RhovaeError(
+                f"under torchrun this process trains on {device}; its data is on {data.train.device}"
+            )
+        if len(data.train) < cluster.world:
+            raise RhovaeError(
+                f"{len(data.train)} training examples cannot be shared by {cluster.world} processes"
+            )
+        if cluster.main:
+            log.info(
+                "data: %s (%s), train %d / val %d / test %d, shape %s, pixels %s",
+                data.name, data.source, len(data.train), len(data.val), len(data.test),
+                data.data_shape, data.pixels,
+            )  # fmt: skip
+            if cluster.world > 1:
+                share = cfg.batch_size // cluster.world
+                log.info(
+                    "training on %d processes (%s), %d examples each per step", cluster.world, device, share
+                )
+            write_text_atomic(run_dir / "config.toml", to_toml(cfg))
+        if device.type == "cuda":
+            stack.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+        stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+        torch.manual_seed(cfg.seed)
+        run = make_run(cfg, data, run_dir, encoder, decoder, progress and cluster.main)
+        run.cluster = cluster
+        if cluster.rank:
+            torch.manual_seed(distributed.rank_seed(cfg.seed, cluster.rank))
+        if ckpt is not None:
+            _restore(run, ckpt)
+        if cluster.world > 1:
+            unused = _unused_parameters(run)
+            if unused and cluster.main:
+                log.info("parameters without a gradient in this objective: %s", ", ".join(unused))
+            run.step_model = distributed.wrap(run.model, cluster, device, bool(unused))
+        try:
+            return _loop(run)
+        finally:
+            run.step_model = None  # DDP's reducer goes before the process group does (at exit)
+
+
+def _open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, stack: contextlib.ExitStack) -> dict | None:
+    """Create and lock the run folder (for as long as ``stack`` lives), refuse to mix runs, and return
+    the checkpoint to resume from, if any."""
     if run_dir.is_file():
         raise RhovaeError(f"{run_dir}: is a file; choose a folder for --run-dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RhovaeError(f"cannot create run folder {run_dir}: {e.strerror}") from None
-    with RunLock(run_dir):
-        ckpt = check_run_dir(run_dir, cfg, resume)
-        if ckpt is not None and cfg.epochs < ckpt["epoch"]:
-            raise RhovaeError(
-                f"{run_dir} has already trained {ckpt['epoch']} epochs; --epochs must be at least that"
-            )
-        device = pick_device(cfg.device)
-        if data is None:
-            data = prepare_data(cfg, device)
-        log.info(
-            "data: %s (%s), train %d / val %d / test %d, shape %s, pixels %s",
-            data.name, data.source, len(data.train), len(data.val), len(data.test),
-            data.data_shape, data.pixels,
-        )  # fmt: skip
-        write_text_atomic(run_dir / "config.toml", to_toml(cfg))
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(cfg.seed)
-            run = make_run(cfg, data, run_dir, encoder, decoder, progress)
-            if ckpt is not None:
-                _restore(run, ckpt)
-            return _loop(run)
+    stack.enter_context(RunLock(run_dir))
+    ckpt = check_run_dir(run_dir, cfg, resume)
+    if ckpt is not None and cfg.epochs < ckpt["epoch"]:
+        raise RhovaeError(
+            f"{run_dir} has already trained {ckpt['epoch']} epochs; --epochs must be at least that"
+        )
+    return ckpt
 
 
 def make_run(
@@ -215,6 +287,11 @@ def make_run(
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience
     )
+    if cfg.precision == "bf16":
+        _autocast_networks(model, device)
+    if cfg.compile:
+        for net in (model.encoder, model.decoder):
+            net.compile()  # in place: parameter names and checkpoints stay as they are
     return Run(
         cfg,
         Path(run_dir),
@@ -229,12 +306,57 @@ def make_run(
     )
 
 
+def _autocast_networks(model: VAE, device: torch.device) -> None:
+    """Run ``model``'s encoder and decoder networks under bfloat16 autocast, their outputs cast back to
+    float32: the matrix products of the networks are where lower precision pays, while the posterior
+    math, the KL, log-determinants and the likelihood stay in float32 (sums of many small terms)."""
+    if device.type not in ("cpu", "cuda"):
+        raise RhovaeError(f"precision bf16 runs on cpu or cuda, not {device.type}; use --precision fp32")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RhovaeError(f"{torch.cuda.get_device_name(device)} has no bfloat16; use --precision fp32")
+    for net in (model.encoder, model.decoder):
+        # an instance attribute, so parameter names, checkpoints and the class stay untouched
+        net.forward = _autocast_forward(net.forward, device.type)
+
+
+def _autocast_forward(forward, device_type: str):
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            out = forward(*args, **kwargs)
+        return _float32(out)
+
+    return autocast_forward
+
+
+def _float32(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_float32(o) for o in out)
+    return out  # e.g. a Distribution a sequence decoder returns: it computes later, in float32
+
+
+def _unused_parameters(run: Run) -> list[str]:
+    """Parameters a training step never reaches (e.g. a learned prior under the paper-legacy objective,
+    which replaces the KL). DistributedDataParallel must be told, or it waits for their gradients: one
+    probe forward and backward on two examples, in eval mode and a forked random state, so training
+    sees no trace of it."""
+    model, x = run.model, run.data.train[: min(2, len(run.data.train))]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    device = run.data.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
+        loss, _ = run.objective(model(x), model)
+        grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return [name for (name, _), g in zip(named, grads, strict=True) if g is None]
+
+
 def _restore(run: Run, ckpt: dict[str, Any]) -> None:
     try:
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["scheduler"])
         run.set_rng_state(ckpt["rng"])
+        _restore_rank_noise(run, ckpt)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RhovaeError(
@@ -243,21 +365,45 @@ def _restore(run: Run, ckpt: dict[str, Any]) -> None:
     run.state = TrainState(
         int(ckpt["epoch"]), list(ckpt["history"]), ckpt["best_val"], ckpt["best_epoch"], ckpt["stale"]
     )
-    log.info("resuming %s from epoch %d", run.run_dir, run.state.epoch)
+    if run.cluster.main:
+        log.info("resuming %s from epoch %d", run.run_dir, run.state.epoch)
+
+
+def _restore_rank_noise(run: Run, ckpt: dict[str, Any]) -> None:
+    """Each rank's own sampling noise from ``last.pt``; resumed on another number of processes, the ranks
+    beyond the first restart theirs from a seed (a valid run, not bit-identical to an uninterrupted one)."""
+    cluster, ranks = run.cluster, ckpt["rng"].get("ranks")
+    if ranks is not None and len(ranks) == cluster.world:
+        own = ranks[cluster.rank]
+        torch.set_rng_state(own["torch"])
+        if run.data.device.type == "cuda" and "cuda" in own:
+            torch.cuda.set_rng_state(own["cuda"], run.data.device)
+    elif ranks is not None or cluster.world > 1:
+        if cluster.main:
+            log.warning(
+                "%s was written by %d processes and resumes on %d: the sampling noise of ranks > 0 restarts "
+                "from a seed", run.run_dir / "last.pt", len(ranks) if ranks else 1, cluster.world,
+            )  # fmt: skip
+        if cluster.rank:
+            torch.manual_seed(distributed.rank_seed(run.cfg.seed, cluster.rank, int(ckpt["epoch"])))
 
 
 def _loop(run: Run) -> TrainResult:
-    cfg, state = run.cfg, run.state
+    cfg, state, cluster = run.cfg, run.state, run.cluster
     stopped_early = False
-    writer = _tensorboard(run.run_dir)
+    writer = _tensorboard(run.run_dir) if cluster.main else None
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if cfg.early_stopping and state.stale >= cfg.early_stopping:
             stopped_early = True
             break
         row = train_epoch(run, epoch)
-        for split in ("val", "test"):
-            terms = elbo_terms(run.model, getattr(run.data, split), objective=run.objective)
-            row.update({f"{split}_{k}": v for k, v in terms.items() if k in ("loss", "recon", "kl", "mmd")})
+        if cluster.main:  # evaluation on rank 0 alone: see the module's docstring
+            for split in ("val", "test"):
+                terms = elbo_terms(run.model, getattr(run.data, split), objective=run.objective)
+                row.update(
+                    {f"{split}_{k}": v for k, v in terms.items() if k in ("loss", "recon", "kl", "mmd")}
+                )
+        row = cluster.broadcast(row)
         row["lr"] = run.optimizer.param_groups[0]["lr"]
         run.scheduler.step(row["val_loss"])
         improved = state.record(row)
@@ -266,10 +412,11 @@ def _loop(run: Run) -> TrainResult:
             for key, value in row.items():
                 if key != "epoch":
                     writer.add_scalar(key, value, epoch)
-        log.info(
-            "epoch %d: train %.3f val %.3f test %.3f (%.1fs)",
-            epoch, row["train_loss"], row["val_loss"], row["test_loss"], row["epoch_seconds"],
-        )  # fmt: skip
+        if cluster.main:
+            log.info(
+                "epoch %d: train %.3f val %.3f test %.3f (%.1fs)",
+                epoch, row["train_loss"], row["val_loss"], row["test_loss"], row["epoch_seconds"],
+            )  # fmt: skip
     if writer is not None:
         writer.close()
     return TrainResult(run.run_dir, state.history, state.best_epoch, state.best_val, stopped_early)
@@ -294,38 +441,54 @@ class _Totals:
         value = value.detach().double()
         self.sums[name] = self.sums[name] + value if name in self.sums else value
 
-    def means(self, n: int) -> dict[str, float]:
+    def means(self, n: int, cluster: Cluster = SINGLE) -> dict[str, float]:
+        """Each sum over ``n`` examples; the sums of all ranks of ``cluster`` first (one all-reduce)."""
         if not self.sums:
             return {}
-        names = list(self.sums)
-        values = (torch.stack([self.sums[k] for k in names]) / n).tolist()  # one sync
+        names = sorted(self.sums)  # the same order on every rank
+        values = (cluster.sum(torch.stack([self.sums[k] for k in names])) / n).tolist()  # one sync
         return dict(zip(names, values, strict=True))
 
 
 def train_epoch(run: Run, epoch: int) -> dict[str, float]:
-    """One pass over the training split; returns the epoch's metrics row (per-sample means)."""
-    cfg, model, objective, data = run.cfg, run.model, run.objective, run.data
+    """One pass over the training split; returns the epoch's metrics row (per-sample means). Under DDP
+    every rank steps through its share of each global batch and the row is the whole epoch's."""
+    cfg, model, objective, data, cluster = run.cfg, run.model, run.objective, run.data, run.cluster
+    step_model = run.step_model or model
     model.train()
     n = len(data.train)
     n_batches = math.ceil(n / cfg.batch_size)
     totals = _Totals()
     bar = _progress(n_batches, f"epoch {epoch}/{cfg.epochs}", run.progress)
     start = time.perf_counter()
-    for step, xb in enumerate(data.train_batches(cfg.batch_size, run.shuffle, run.pixels), start=1):
+    batches = data.train_batches(cfg.batch_size, run.shuffle, run.pixels, cluster.rank, cluster.world)
+    for step, xb in enumerate(batches, start=1):
         # training progress for the KL warm-up, in the unit the config counts
         done = (epoch - 1) * n_batches + step - 1
         objective.progress = done if cfg.kl_warmup_unit == "steps" else done / n_batches
-        out = model(xb)
+        b = len(xb)
+        if b == 0:  # a last global batch smaller than the world: step on one example, weighted 0
+            xb = data.train[:1]
+        out = step_model(xb)
         loss, extras = objective(out, model)
-        loss_value = float(loss.detach())  # one sync per step: also the NaN check
-        if not math.isfinite(loss_value):
+        if cluster.world == 1:
+            loss_value = float(loss.detach())  # one sync per step: also the NaN check
+            bad_rank, step_loss = (None if math.isfinite(loss_value) else 0), loss
+        else:
+            global_b = min(cfg.batch_size, n - (step - 1) * cfg.batch_size)
+            loss_value, bad_rank = _global_loss(cluster, loss, b, global_b)
+            # DDP averages gradients over ranks: weighting each rank's mean by its share of the global
+            # batch (times the world) makes that average the gradient of the global batch's mean
+            step_loss = loss * (b * cluster.world / global_b)
+        if bad_rank is not None:
             if bar is not None:
                 bar.close()
-            raise _diverged(epoch, step, out, extras, run)
+            raise _diverged(epoch, step, out, extras, run, bad_rank)
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        step_loss.backward()
         run.optimizer.step()
-        b = len(xb)
+        if b == 0:
+            continue
         totals.add("train_loss", loss * b)
         totals.add("train_recon", out.recon.sum())
         totals.add("train_kl", out.kl.sum())
@@ -345,14 +508,30 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    row: dict[str, float] = {"epoch": epoch, "mean_abs_rho": float("nan"), **totals.means(n)}
+    row: dict[str, float] = {"epoch": epoch, "mean_abs_rho": float("nan"), **totals.means(n, cluster)}
     row.update(epoch_seconds=seconds, samples_per_second=n / seconds, beta=objective.kl_weight())
     return row
 
 
-def _diverged(epoch: int, step: int, out: VAEOutput, extras: dict, run: Run) -> TrainingDiverged:
+def _global_loss(cluster: Cluster, loss: Tensor, b: int, global_b: int) -> tuple[float, int | None]:
+    """The global batch's mean loss from every rank's mean over its ``b`` examples, and the first rank
+    whose loss is not finite (None: all finite): one all-reduce, so every rank decides alike."""
+    per_rank = torch.zeros(cluster.world, dtype=torch.float64, device=loss.device)
+    per_rank[cluster.rank] = loss.detach().double() * b  # an empty share's NaN still counts (0 * NaN)
+    values = cluster.sum(per_rank).tolist()
+    bad = [r for r, v in enumerate(values) if not math.isfinite(v)]
+    return sum(values) / global_b, (bad[0] if bad else None)
+
+
+def _diverged(
+    epoch: int, step: int, out: VAEOutput, extras: dict, run: Run, bad_rank: int = 0
+) -> TrainingDiverged:
+    cluster = run.cluster
+    where = f" on rank {bad_rank}" if cluster.world > 1 else ""
     recon, kl = out.recon.detach(), out.kl.detach()
-    if not torch.isfinite(recon).all():
+    if bad_rank != cluster.rank:
+        term = "its loss is not finite"
+    elif not torch.isfinite(recon).all():
         term = f"the reconstruction term is {float(recon[~torch.isfinite(recon)][0])}"
     elif not torch.isfinite(kl).all():
         term = f"the KL term is {float(kl[~torch.isfinite(kl)][0])}"
@@ -364,7 +543,7 @@ def _diverged(epoch: int, step: int, out: VAEOutput, extras: dict, run: Run) -> 
     last = run.state.epoch
     kept = f"last good checkpoint {run.run_dir / 'last.pt'} (epoch {last})" if last else "no epoch finished"
     return TrainingDiverged(
-        f"training diverged at epoch {epoch}, step {step}: {term}; {kept}; try a lower --lr"
+        f"training diverged at epoch {epoch}, step {step}{where}: {term}; {kept}; try a lower --lr"
     )
 
 
@@ -379,7 +558,13 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _save_epoch(run: Run, improved: bool) -> None:
-    cfg, state, data = run.cfg, run.state, run.data
+    cfg, state, data, cluster = run.cfg, run.state, run.data, run.cluster
+    rng = run.rng_state()
+    if cluster.world > 1:  # every rank's own sampling noise (the rest of the random state is shared)
+        own = {k: v for k, v in rng.items() if k in ("torch", "cuda")}
+        rng["ranks"] = cluster.gather(own)
+    if not cluster.main:
+        return
     common = {
         "format": CHECKPOINT_FORMAT,
         "config": cfg.to_dict(),
@@ -397,7 +582,7 @@ def _save_epoch(run: Run, improved: bool) -> None:
             **common,
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
-            "rng": run.rng_state(),
+            "rng": rng,
             "history": state.history,
             "best_val": state.best_val,
             "best_epoch": state.best_epoch,

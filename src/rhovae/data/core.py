@@ -27,7 +27,7 @@ from rhovae.errors import RhovaeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ArraySplit", "Data", "Split", "auto_size", "batches", "load_data"]
+__all__ = ["ArraySplit", "Data", "Split", "auto_size", "batches", "load_data", "shard_bounds"]
 
 MAX_AUTO_SIZE = 5000
 
@@ -147,17 +147,50 @@ class Data:
         return self.data_shape
 
     def train_batches(
-        self, batch_size: int, shuffle: torch.Generator, pixels: torch.Generator
+        self,
+        batch_size: int,
+        shuffle: torch.Generator,
+        pixels: torch.Generator,
+        rank: int = 0,
+        world: int = 1,
     ) -> Iterator[Tensor]:
         """One epoch of training batches ``(b, *data_shape)`` in a random order drawn from ``shuffle`` (a CPU
         generator); under ``dynamic`` pixels each batch is binarised with ``pixels`` (a generator on the
-        data's device). In-memory and memory-mapped splits give the same batches."""
+        data's device). In-memory and memory-mapped splits give the same batches.
+
+        Sharded across ``world`` processes (DDP), ``batch_size`` is the global batch: every rank draws the
+        same permutation from identically seeded generators and takes rank ``rank``'s contiguous share of
+        each global batch (:func:`shard_bounds`; a last partial batch smaller than ``world`` leaves some
+        ranks an empty batch ``(0, *data_shape)``). Only the rank's own rows are gathered; the dynamic
+        binarisation is drawn for the whole global batch (the other rows as zeros), so the ranks' batches
+        together are exactly the one-process batch."""
         order = torch.randperm(len(self.train), generator=shuffle)
         if isinstance(self.train, Tensor):
             order = order.to(self.train.device)
         for start in range(0, len(order), batch_size):
-            x = self.train[order[start : start + batch_size]]
-            yield torch.bernoulli(x, generator=pixels) if self.pixels == "dynamic" else x
+            rows = order[start : start + batch_size]
+            if world == 1:
+                x = self.train[rows]
+                yield torch.bernoulli(x, generator=pixels) if self.pixels == "dynamic" else x
+                continue
+            lo, hi = shard_bounds(len(rows), rank, world)
+            x = self.train[rows[lo:hi]]
+            if self.pixels == "dynamic":
+                # one draw per element of the global batch, as one process makes; zeros elsewhere
+                whole = x.new_zeros((len(rows), *x.shape[1:]))
+                whole[lo:hi] = x
+                x = torch.bernoulli(whole, generator=pixels)[lo:hi]
+            yield x
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """``[lo, hi)``: rank ``rank``'s contiguous share of ``n`` items split over ``world`` ranks, sizes
+    differing by at most one (the first ``n % world`` ranks take one more)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside a world of {world}")
+    size, extra = divmod(n, world)
+    lo = rank * size + min(rank, extra)
+    return lo, lo + size + (rank < extra)
 
 
 def batches(split: Split, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Tensor]:

@@ -90,7 +90,10 @@ class Preprocessing:
         if "data_shape" not in d:
             raise RhovaeError(f"preprocessing record without data_shape: {sorted(d)}")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        try:
+            return cls(**known)
+        except (TypeError, ValueError, OverflowError) as e:  # a damaged or hand-made record
+            raise RhovaeError(f"preprocessing record {d!r:.80} is damaged ({e})") from None
 
     # --- the shared path: source rows and raw inputs alike ---------------------------------------
 

@@ -19,11 +19,12 @@ A source only reads; validation, splitting and scaling happen once, for all of t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,20 @@ def _mnist_5k(data_dir: Path | None) -> RawSplits:
 # --- npz / npy ------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _decoding(what: str, fix: str) -> Iterator[None]:
+    """A damaged file makes NumPy, zipfile and Pillow fail in many ways (ValueError, OSError, zlib.error,
+    tokenize.TokenError, NotImplementedError, DecompressionBombError, ...): each becomes one
+    :class:`RhovaeError` saying ``what`` and how to ``fix`` it. Running out of memory stays itself."""
+    try:
+        yield
+    except (RhovaeError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - third-party decoders on damaged files
+        text = str(e).strip().splitlines()
+        raise RhovaeError(f"{what} ({text[0] if text else type(e).__name__}); {fix}") from None
+
+
 def npz_source(path: Path, options: SourceOptions) -> RawSplits:
     """Arrays from a ``.npz`` (``train`` [, ``val``, ``test``, ``*_labels``]) or a ``.npy`` (``train``).
 
@@ -237,16 +252,12 @@ def npz_source(path: Path, options: SourceOptions) -> RawSplits:
     if not path.is_file():
         raise RhovaeError(f"{path}: no such file; npz:PATH needs a .npz (numpy.savez) or .npy file")
     if path.suffix.lower() == ".npy":
-        try:
+        with _decoding(f"{path}: not a readable .npy array", "save it with numpy.save"):
             train = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise RhovaeError(f"{path}: not a readable .npy array ({e}); save it with numpy.save") from None
         return RawSplits(train=train, source=f".npy array {path}", files={"train": str(path)})
-    try:
+    with _decoding(f"{path}: not a readable .npz file", "save it with numpy.savez"):
         with zipfile.ZipFile(path) as zf:
             members = {i.filename[:-4]: i for i in zf.infolist() if i.filename.endswith(".npy")}
-    except (zipfile.BadZipFile, OSError) as e:
-        raise RhovaeError(f"{path}: not a readable .npz file ({e}); save it with numpy.savez") from None
     if "train" not in members:
         raise RhovaeError(
             f"{path}: no array named 'train' (found: {', '.join(sorted(members)) or 'none'}); save it as "
@@ -256,15 +267,15 @@ def npz_source(path: Path, options: SourceOptions) -> RawSplits:
     if ignored:
         log.info("%s: ignoring arrays %s (known: %s)", path, ", ".join(ignored), ", ".join(ARRAY_KEYS))
     arrays: dict[str, np.ndarray] = {}
-    with np.load(path, allow_pickle=False) as npz:
+    with _decoding(f"{path}: not a readable .npz file", "save it with numpy.savez"):
+        npz = np.load(path, allow_pickle=False)
+    with npz:
         for key in ARRAY_KEYS:
             if key not in members:
                 continue
-            try:
+            with _decoding(f"{path}: cannot read array {key!r}", "save it again"):
                 mapped = _map_stored_member(path, members[key])
                 arrays[key] = mapped if mapped is not None else npz[key]
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-                raise RhovaeError(f"{path}: cannot read array {key!r} ({e}); save it again") from None
     mapped_keys = [k for k, a in arrays.items() if isinstance(a, np.memmap)]
     return RawSplits(
         **arrays,
@@ -348,7 +359,10 @@ def folder_source(path: Path, options: SourceOptions) -> RawSplits:
     for split, found in files.items():
         arrays[split] = np.empty((len(found), channels, h, w), dtype=np.uint8)
         for i, p in enumerate(found):
-            with open_image(p) as image:
+            with (
+                _decoding(f"{p}: cannot read this image", "replace or remove the file"),
+                open_image(p) as image,
+            ):
                 arrays[split][i] = image_array(image, channels, options.image_size, str(p))
     labels = {}
     if classes:
@@ -368,7 +382,10 @@ def folder_source(path: Path, options: SourceOptions) -> RawSplits:
 
 
 def _header(path: Path) -> tuple[tuple[int, int], bool]:
-    with open_image(path) as image:
+    with (
+        _decoding(f"{path}: cannot read this image", "replace or remove the file"),
+        open_image(path) as image,
+    ):
         return image.size, is_colour(image)
 
 
