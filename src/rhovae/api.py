@@ -109,9 +109,9 @@ def load(
     decoder: nn.Module | None = None,
 ) -> VAE:
     """The model of a run folder (``best.pt`` or ``last.pt``) in eval mode, with its preprocessing:
-    ``encode``, ``decode``, ``sample``, ``reconstruct``, ``elbo`` and ``log_likelihood`` accept raw
-    inputs as training saw them. Runs of your own networks need fresh ``encoder``/``decoder`` instances
-    of the same classes (rhovae never pickles code)."""
+    ``encode``, ``reconstruct``, ``elbo`` and ``log_likelihood`` accept raw inputs as training saw them
+    (``decode`` takes z, ``sample`` a count). Runs of your own networks need fresh
+    ``encoder``/``decoder`` instances of the same classes (rhovae never pickles code)."""
     from rhovae.runs import load_run
 
     if checkpoint not in ("best", "last"):

@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="sequence runs: sample each token at this temperature instead of the greedy decode (default: 0, "
         "greedy)",
     )
-    p.add_argument("--out", type=Path, help="output PNG (default: RUN/samples.png)")
+    p.add_argument(
+        "--out", type=Path, help="output file (default: RUN/samples.png; RUN/samples.pt for vector data)"
+    )
 
     p = sub.add_parser(
         "reconstruct",

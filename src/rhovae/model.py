@@ -259,7 +259,8 @@ class ModelConfig:
     hidden: int = field(
         default=400,
         metadata=_help(
-            "features the mlp and cnn backbones hand to the posterior head (betavae: 256, infovae: 1024)"
+            "features the mlp, cnn and lstm backbones hand to the posterior head, and the lstm's width "
+            "(betavae: 256, infovae: 1024)"
         ),
     )
     flow_steps: int = field(default=4, metadata=_help("number of flow steps of planar/iaf posteriors"))
