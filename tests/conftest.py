@@ -53,3 +53,10 @@ def overfit(model, x, steps: int, lr: float):
     with torch.no_grad():
         end = float(batch_loss(model, x))
     return start, end
+
+
+def train_argv(run_dir, *flags: str, data: tuple[str, ...] = ()) -> list[str]:
+    """``rhovae train`` arguments for a quiet, quick CPU run into ``run_dir``; ``flags`` may be given as
+    whole strings ("--latent-dim 3 --epochs 1"), ``data`` names the dataset flags."""
+    words = [w for f in flags for w in f.split()]
+    return ["-q", "train", *data, "--device", "cpu", "--run-dir", str(run_dir), "--no-progress", *words]

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import train_argv
 
 import rhovae
 from rhovae.cli import main
@@ -20,29 +21,11 @@ def test_sequence_sets_load_as_non_image_data():
 @pytest.mark.parametrize("posterior", ["diagonal", "ar1"])
 def test_lstm_on_nas201_trains_evaluates_and_samples_text(tmp_path, capsys, posterior):
     run = tmp_path / "run"
-    argv = [
-        "-q",
-        "train",
-        "--dataset",
-        "nas201",
-        "--model",
-        "lstm",
-        "--posterior",
-        posterior,
-        "--latent-dim",
-        "4",
-        "--hidden",
-        "32",
-        "--epochs",
-        "1",
-        "--limit",
-        "512",
-        "--device",
-        "cpu",
-        "--run-dir",
-        str(run),
-        "--no-progress",
-    ]
+    argv = train_argv(
+        run,
+        f"--model lstm --posterior {posterior} --latent-dim 4 --hidden 32 --epochs 1 --limit 512",
+        data=("--dataset", "nas201"),
+    )
     assert main(argv) == 0
     assert (run / "samples.txt").read_text().count("|") > 0  # NAS-Bench-201 strings
     capsys.readouterr()
@@ -58,54 +41,21 @@ def test_lstm_on_nas201_trains_evaluates_and_samples_text(tmp_path, capsys, post
 
 
 def test_lstm_refuses_image_data(idx_dir, tmp_path, capsys):
-    argv = [
-        "-q",
-        "train",
-        "--dataset",
-        "mnist",
-        "--data-dir",
-        str(idx_dir),
-        "--model",
-        "lstm",
-        "--epochs",
-        "1",
-        "--run-dir",
-        str(tmp_path / "r"),
-        "--no-progress",
-    ]
+    argv = train_argv(
+        tmp_path / "r", "--model lstm --epochs 1", data=("--dataset", "mnist", "--data-dir", str(idx_dir))
+    )
     assert main(argv) == 2
     assert "lstm model takes sequence data" in capsys.readouterr().err
 
 
 def test_hierarchy_trains_and_reports_each_group(idx_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    argv = [
-        "-q",
-        "train",
-        "--dataset",
-        "mnist",
-        "--data-dir",
-        str(idx_dir),
-        "--posterior",
-        "ar1",
-        "--latent-groups",
-        "2",
-        "--latent-dim",
-        "4",
-        "--hidden",
-        "16",
-        "--group-hidden",
-        "16",
-        "--epochs",
-        "1",
-        "--free-bits",
-        "0.1",
-        "--device",
-        "cpu",
-        "--run-dir",
-        str(run),
-        "--no-progress",
-    ]
+    argv = train_argv(
+        run,
+        "--posterior ar1 --latent-groups 2 --latent-dim 4 --hidden 16 --group-hidden 16",
+        "--epochs 1 --free-bits 0.1",
+        data=("--dataset", "mnist", "--data-dir", str(idx_dir)),
+    )
     assert main(argv) == 0
     header = (run / "metrics.csv").read_text().splitlines()[0]
     assert "train_kl_group_0" in header and "train_kl_group_1" in header
@@ -120,27 +70,10 @@ def test_hierarchy_trains_and_reports_each_group(idx_dir, tmp_path, capsys):
 
 def test_made_prior_trains(idx_dir, tmp_path):
     run = tmp_path / "run"
-    argv = [
-        "-q",
-        "train",
-        "--dataset",
-        "mnist",
-        "--data-dir",
-        str(idx_dir),
-        "--prior",
-        "made",
-        "--latent-dim",
-        "3",
-        "--hidden",
-        "16",
-        "--epochs",
-        "1",
-        "--device",
-        "cpu",
-        "--run-dir",
-        str(run),
-        "--no-progress",
-        "--no-pictures",
-    ]
+    argv = train_argv(
+        run,
+        "--prior made --latent-dim 3 --hidden 16 --epochs 1 --no-pictures",
+        data=("--dataset", "mnist", "--data-dir", str(idx_dir)),
+    )
     assert main(argv) == 0
     assert torch.isfinite(rhovae.load(run, device="cpu").sample(4, seed=1)).all()

@@ -163,7 +163,18 @@ class _GroupDraw:
     prior: Distribution | None
 
 
-class HierarchicalPosterior(Distribution):
+class _Ancestral:
+    """``rsample``/``sample`` of a distribution drawn group by group by its ``_draw`` method."""
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        return self._draw(sample_shape, reparameterised=True)
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        with torch.no_grad():
+            return self._draw(sample_shape, reparameterised=False)
+
+
+class HierarchicalPosterior(_Ancestral, Distribution):
     """``q(z|x) = q(z_0|x) prod_t q(z_t | z_<t, x)`` over the concatenated ``z``: batch ``(B,)``, event
     ``(d,)``.
 
@@ -206,13 +217,6 @@ class HierarchicalPosterior(Distribution):
         self.last_draw, self.group_kl = draws, None
         self._last_z = torch.cat([draw.z for draw in draws], -1)
         return self._last_z
-
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        return self._draw(sample_shape, reparameterised=True)
-
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        with torch.no_grad():
-            return self._draw(sample_shape, reparameterised=False)
 
     def log_prob(self, value: Tensor) -> Tensor:
         if value.shape[-1] != self.event_shape[0]:
@@ -257,7 +261,7 @@ class HierarchicalPosterior(Distribution):
 # --- the prior --------------------------------------------------------------------------------------
 
 
-class HierarchicalPrior(Distribution):
+class HierarchicalPrior(_Ancestral, Distribution):
     """``p(z) = p(z_0) prod_t p(z_t | z_<t)`` over the concatenated ``z``: batch ``()``, event ``(d,)``.
 
     Args:
@@ -286,13 +290,6 @@ class HierarchicalPrior(Distribution):
             z = prior.rsample() if reparameterised else prior.sample()
             parts.append(z)
         return torch.cat(parts, -1)
-
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        return self._draw(sample_shape, reparameterised=True)
-
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        with torch.no_grad():
-            return self._draw(sample_shape, reparameterised=False)
 
     def log_prob(self, value: Tensor) -> Tensor:
         if value.shape[-1] != self.event_shape[0]:
