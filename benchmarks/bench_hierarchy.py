@@ -1,0 +1,68 @@
+"""Seconds per training epoch of latent hierarchies and learned priors relative to the flat model.
+
+The trainer's own loop (rhovae.train.train_epoch) on the MLP backbone, latent 10, batch 128, dynamically
+binarised Fashion-MNIST (random pixels when it is not installed), the first ``--images`` training
+images per epoch; each cell is the best of ``--repeats`` epochs after a warm-up epoch.
+
+    python benchmarks/bench_hierarchy.py [--images 20000] [--repeats 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from rhovae.config import RunConfig
+from rhovae.data import Data, load_data
+from rhovae.errors import RhovaeError
+from rhovae.train import make_run, train_epoch
+
+SETUPS = [
+    ("flat, N(0, I)", {}),
+    ("flat, MADE prior", {"prior": "made"}),
+    ("2 groups", {"latent_groups": 2}),
+    ("4 groups", {"latent_groups": 4}),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    try:
+        data = load_data("fashion-mnist", pixels="dynamic", device=device, limit=args.images)
+        source = "Fashion-MNIST"
+    except RhovaeError:
+        x = torch.rand((args.images, 1, 28, 28), generator=torch.Generator().manual_seed(0)).to(device)
+        data, source = Data(x, x[:10], x[:10], "dynamic", "random", "synthetic"), "random pixels"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    print(
+        f"# MLP VAE, latent 10, {len(data.train)} {source} images per epoch, batch 128, {device.type} "
+        f"({name}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print("| setup | posterior | parameters | epoch (s) | vs flat diagonal |")
+    print("|---|---|---:|---:|---:|")
+    base = None
+    for label, settings in SETUPS:
+        for posterior in ("diagonal", "ar1"):
+            cfg = RunConfig(posterior=posterior, pixels="dynamic", **settings).validate()
+            torch.manual_seed(0)
+            run = make_run(cfg, data)
+            train_epoch(run, 1)  # warm-up
+            seconds = min(train_epoch(run, 1)["epoch_seconds"] for _ in range(args.repeats))
+            base = base or seconds
+            params = sum(p.numel() for p in run.model.parameters())
+            print(
+                f"| {label} | {posterior} | {params:,} | {seconds:.2f} | {seconds / base:.2f}× |", flush=True
+            )
+
+
+if __name__ == "__main__":
+    main()
