@@ -10,6 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from rhovae.errors import RhovaeError
+from rhovae.nets.conv import channels_last
 
 INPUT_SIZE = (64, 64)
 
@@ -35,7 +36,7 @@ class BurgessEncoder(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self.net(channels_last(x))
 
 
 class BurgessDecoder(nn.Module):
@@ -54,5 +55,6 @@ class BurgessDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         lead = z.shape[:-1]
-        out = self.deconv(self.dense(z.reshape(-1, z.shape[-1])).view(-1, 64, 4, 4))
+        x = self.dense(z.reshape(-1, z.shape[-1])).view(-1, 64, 4, 4)
+        out = self.deconv(channels_last(x))
         return out.view(*lead, *out.shape[1:])

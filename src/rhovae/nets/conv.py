@@ -9,9 +9,16 @@ flattened map is 128x7x7.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from rhovae.errors import RhovaeError
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """``x`` in channels-last layout: oneDNN's (and cuDNN's) faster path for these convolutions. On a
+    2-core CPU it cuts a 1,000-sample IWAE decoder pass by 20-45 % (benchmarks/bench_models.py)."""
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _down(size: int) -> int:
@@ -40,7 +47,7 @@ class ConvEncoder(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self.net(channels_last(x))
 
 
 class ConvDecoder(nn.Module):
@@ -63,5 +70,5 @@ class ConvDecoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         lead = z.shape[:-1]
         x = self.dense(z.reshape(-1, z.shape[-1])).view(-1, *self.map_shape)
-        out = self.deconv(x)
+        out = self.deconv(channels_last(x))
         return out.view(*lead, *out.shape[1:])

@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from rhovae.errors import RhovaeError
-from rhovae.nets.conv import _down
+from rhovae.nets.conv import _down, channels_last
 
 
 def _sizes(image_shape: tuple[int, int, int]) -> tuple[int, int, int, int, int, int]:
@@ -36,7 +36,7 @@ class DCGANEncoder(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self.net(channels_last(x))
 
 
 class DCGANDecoder(nn.Module):
@@ -56,5 +56,6 @@ class DCGANDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         lead = z.shape[:-1]
-        out = self.deconv(self.dense(z.reshape(-1, z.shape[-1])).view(-1, *self.map_shape))
+        x = self.dense(z.reshape(-1, z.shape[-1])).view(-1, *self.map_shape)
+        out = self.deconv(channels_last(x))
         return out.view(*lead, *out.shape[1:])
