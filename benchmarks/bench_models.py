@@ -1,27 +1,55 @@
-"""Seconds per Fashion-MNIST training epoch of every model with the diagonal and the AR(1) posterior.
+"""Seconds per Fashion-MNIST training epoch of every model, against its FLOP floor, and the cost of the
+IWAE evaluation, with the convolutional backbones in channels-last layout (rhovae's) and in plain NCHW.
 
 Each cell runs the trainer's own inner loop (rhovae.train.train_epoch, with the model's objective) on
 the first --images training images, after one warm-up pass over 3 batches, and scales the time to a full
-epoch of 55,000 images (the training split). Real Fashion-MNIST when installed, else random pixels of the
-same shape (said in the header).
+epoch of 55,000 images (the training split). The FLOP floor is the model's training FLOPs per epoch
+(torch.utils.flop_counter: convolutions and matmuls) divided by the float32 matmul rate measured here at
+1024^3: what the epoch would take if every FLOP ran at the machine's best GEMM speed. The IWAE column
+is the measured time of a k = 1000 importance-weighted bound on one image, scaled to 250 images (the
+``paper-cpu`` preset's evaluation). Real Fashion-MNIST when installed, else random pixels of the same
+shape (said in the header).
 
-    python benchmarks/bench_models.py [--images 2560] [--device cpu]
+    python benchmarks/bench_models.py [--images 2560] [--device cpu] [--models cnn ...] [--layouts both]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
+import time
 
 import torch
+from bench_train import matmul_rate, sync, training_flops
 
+import rhovae.nets.burgess
+import rhovae.nets.conv
+import rhovae.nets.dcgan
 from rhovae.config import RunConfig
 from rhovae.data import Data, load_data
 from rhovae.errors import RhovaeError
 from rhovae.model import MODELS
+from rhovae.runs import eval_mode
 from rhovae.train import make_run, train_epoch
 
 EPOCH_IMAGES = 55000
+IWAE_IMAGES = 250
+CONV_MODULES = (rhovae.nets.conv, rhovae.nets.dcgan, rhovae.nets.burgess)
+
+
+@contextlib.contextmanager
+def layout(name: str):
+    """Run the convolutional backbones in ``channels_last`` (rhovae's layout) or plain ``nchw``."""
+    saved = [m.channels_last for m in CONV_MODULES]
+    if name == "nchw":
+        for m in CONV_MODULES:
+            m.channels_last = lambda x: x
+    try:
+        yield
+    finally:
+        for m, f in zip(CONV_MODULES, saved, strict=True):
+            m.channels_last = f
 
 
 def data_for(model: str, n: int, device) -> tuple[Data, str]:
@@ -35,15 +63,26 @@ def data_for(model: str, n: int, device) -> tuple[Data, str]:
         return Data(x, x[:10], x[:10], "continuous", "random", "synthetic"), "random pixels"
 
 
-def time_epoch(cfg: RunConfig, data: Data, device) -> float:
+def time_cell(cfg: RunConfig, data: Data, device) -> tuple[float, float, float]:
+    """(epoch seconds, training GFLOP per epoch, IWAE seconds for IWAE_IMAGES images)."""
     torch.manual_seed(0)
     run = make_run(cfg, data)
+    flops = training_flops(run.model, data.train[: cfg.batch_size]) * -(-EPOCH_IMAGES // cfg.batch_size)
     run.data = Data(
         data.train[: 3 * cfg.batch_size], data.val, data.test, data.pixels, data.source, data.name
     )
     train_epoch(run, 1)  # warm-up
     run.data = data
-    return train_epoch(run, 1)["epoch_seconds"]
+    epoch = train_epoch(run, 1)["epoch_seconds"] * EPOCH_IMAGES / len(data.train)
+    x = data.test[:1]
+    with torch.no_grad(), eval_mode(run.model):
+        run.model.iwae_bound(x, 100)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        run.model.iwae_bound(x, 1000)
+        sync(device)
+        iwae = (time.perf_counter() - start) * IWAE_IMAGES
+    return epoch, flops / 1e9, iwae
 
 
 def main() -> None:
@@ -52,31 +91,41 @@ def main() -> None:
     )
     parser.add_argument("--images", type=int, default=2560, help="training images timed per cell")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--models", nargs="+", default=sorted(MODELS))
+    parser.add_argument("--models", nargs="+", default=sorted(MODELS.keys() - {"lstm"}))
+    parser.add_argument(
+        "--layouts", choices=["both", "channels_last"], default="both", help="also time plain NCHW convs"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    rows = []
+    peak = matmul_rate([(1024, 1024, 1024)], device)
     source = ""
+    rows = []
     for model in args.models:
         data, source = data_for(model, args.images, device)
-        times = {}
-        for posterior in ("diagonal", "ar1"):
-            cfg = RunConfig(model=model, posterior=posterior, latent_dim=10, batch_size=128).validate()
-            times[posterior] = time_epoch(cfg, data, device) * EPOCH_IMAGES / len(data.train)
-        rows.append((model, data.data_shape, cfg.objective, times))
+        conv = model != "mlp"
+        for lay in ("channels_last", "nchw") if conv and args.layouts == "both" else ("channels_last",):
+            for posterior in ("diagonal", "ar1"):
+                cfg = RunConfig(model=model, posterior=posterior, latent_dim=10, batch_size=128).validate()
+                with layout(lay):
+                    epoch, gflop, iwae = time_cell(cfg, data, device)
+                rows.append((model, data.data_shape, lay if conv else "–", posterior, epoch, gflop, iwae))
+                print(f"  {model} {lay} {posterior}: {epoch:.1f} s/epoch", flush=True)
     print(
-        f"# seconds per epoch of {EPOCH_IMAGES} images ({source}), "
-        f"scaled from {args.images} timed images, "
+        f"# seconds per epoch of {EPOCH_IMAGES} images ({source}), scaled from {args.images} timed images; "
         f"batch 128, z = 10, {device.type} ({name}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads; float32 matmul rate {peak / 1e9:.1f} GFLOP/s at 1024^3"
     )
-    print("| model | input | objective | diagonal (s/epoch) | AR(1) (s/epoch) | AR(1) / diagonal |")
-    print("|---|---|---|---:|---:|---:|")
-    for model, shape, objective, t in rows:
+    print(
+        "| model | input | conv layout | posterior | epoch (s) | GFLOP/epoch | floor (s) | epoch / floor | "
+        f"IWAE k=1000, {IWAE_IMAGES} images (s) |"
+    )
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    for model, shape, lay, posterior, epoch, gflop, iwae in rows:
+        floor = gflop * 1e9 / peak
         print(
-            f"| {model} | {'×'.join(map(str, shape))} | {objective} | {t['diagonal']:.1f} | {t['ar1']:.1f} | "
-            f"{t['ar1'] / t['diagonal']:.2f}× |"
+            f"| {model} | {'×'.join(map(str, shape))} | {lay} | {posterior} | {epoch:.1f} | {gflop:,.0f} | "
+            f"{floor:.1f} | {epoch / floor:.2f}× | {iwae:.0f} |"
         )
 
 

@@ -110,6 +110,7 @@ def test_missing_and_corrupt_data_through_the_cli(idx_dir, tmp_path, capsys):
     empty.mkdir()
     assert main(tiny(empty, tmp_path / "r1")) == 2
     assert "no mnist dataset there" in capsys.readouterr().err  # an explicit --data-dir is used or fails
+    assert not (tmp_path / "r1").exists()  # a run that never started leaves no folder behind
     (idx_dir / "t10k-images-idx3-ubyte").write_bytes((idx_dir / "t10k-images-idx3-ubyte").read_bytes()[:-7])
     assert main(tiny(idx_dir, tmp_path / "r2")) == 2
     err = capsys.readouterr().err

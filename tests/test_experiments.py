@@ -2,10 +2,12 @@
 
 import csv
 import json
+import logging
 import math
 
 import pytest
 import torch
+from conftest import train_argv
 
 from rhovae.cli import main
 from rhovae.config import RunConfig
@@ -189,28 +191,22 @@ def test_legacy_objective_and_head_only_in_training():
         RunConfig(posterior="iaf", kl_estimator="paper-legacy").validate()
 
 
-def test_legacy_runs_are_labelled_in_every_output(idx_dir, tmp_path, capsys):
+def test_legacy_runs_are_labelled_in_every_output(idx_dir, tmp_path, capsys, caplog):
     report = compare(
         toy(idx_dir), tmp_path / "out", overrides={"kl_estimator": "paper-legacy", "pictures": False}
     )
     assert "NOT an ELBO" in report.read_text()
     data = json.loads((tmp_path / "out" / "report.json").read_text())
     assert "NOT an ELBO" in data["note"] and all(r["kl_estimator"] == "paper-legacy" for r in data["runs"])
-    assert (
-        main(
-            [
-                "-q",
-                "evaluate",
-                str(tmp_path / "out" / "runs" / "mlp-mnist-ar1-s0"),
-                "--iwae-k",
-                "3",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    run = tmp_path / "out" / "runs" / "mlp-mnist-ar1-s0"
+    with open(run / "metrics.csv") as f:
+        assert all(row["objective"] == "paper-legacy objective, NOT an ELBO" for row in csv.DictReader(f))
+    assert main(["-q", "evaluate", str(run), "--iwae-k", "3", "--device", "cpu"]) == 0
     assert "NOT an ELBO" in capsys.readouterr().out
+    caplog.set_level(logging.INFO)
+    assert main(train_argv(tmp_path / "r", "--kl-estimator paper-legacy --posterior ar1 --epochs 1",
+                           data=("--dataset", "mnist", "--data-dir", str(idx_dir)))[1:]) == 0  # fmt: skip
+    assert "epoch 1: train" in caplog.text and "[paper-legacy objective, NOT an ELBO]" in caplog.text
 
 
 def test_parallel_jobs_give_the_same_report_rows(idx_dir, tmp_path):

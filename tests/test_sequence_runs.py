@@ -28,6 +28,7 @@ def test_lstm_on_nas201_trains_evaluates_and_samples_text(tmp_path, capsys, post
     )
     assert main(argv) == 0
     assert (run / "samples.txt").read_text().count("|") > 0  # NAS-Bench-201 strings
+    assert 'likelihood = "decoder"' in (run / "config.toml").read_text()  # what ran, not a default
     capsys.readouterr()
     assert main(["-q", "evaluate", str(run), "--iwae-k", "3"]) == 0
     out = capsys.readouterr().out
@@ -38,6 +39,29 @@ def test_lstm_on_nas201_trains_evaluates_and_samples_text(tmp_path, capsys, post
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and all(line.startswith("|") for line in lines)
     assert main(["-q", "sample", str(run), "-n", "3", "--temperature", "1.5"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ("--model lstm --likelihood gaussian", "decoder is its own likelihood; drop --likelihood gaussian"),
+        ("--model lstm --pixels static", "drop --pixels static"),
+        ("--model mlp --likelihood decoder", "the mlp model needs another --likelihood"),
+    ],
+)
+def test_likelihood_settings_that_do_not_apply_are_refused_in_one_line(tmp_path, capsys, flags, message):
+    assert main(train_argv(tmp_path / "r", flags, "--epochs 1", data=("--dataset", "nas201"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_sequence_data_on_a_flat_model_says_which_model_reads_sequences(tmp_path, caplog):
+    argv = train_argv(
+        tmp_path / "r", "--latent-dim 2 --hidden 8 --epochs 1 --limit 64", data=("--dataset", "nas201")
+    )
+    assert main(argv) == 0
+    assert "--model lstm is the sequence VAE" in caplog.text
 
 
 def test_lstm_refuses_image_data(idx_dir, tmp_path, capsys):

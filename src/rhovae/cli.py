@@ -235,7 +235,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from rhovae.evaluate import evaluate_run, write_evaluation
 
     _check_seed(args.seed)
-    result = evaluate_run(args.run, args.iwae_k, args.checkpoint, args.limit, args.device, args.seed)
+    result = evaluate_run(
+        args.run, args.iwae_k, args.checkpoint, args.limit, args.device, args.seed,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )  # fmt: skip
     cfg = result["config"]
     print(
         f"{args.run} ({cfg['posterior']}, {cfg['dataset']}, likelihood {cfg['likelihood']}, "

@@ -258,6 +258,23 @@ class RunConfig(ModelConfig):
             raise RhovaeError(f"lr must be positive, got {self.lr}")
         if not 0 < self.lr_factor < 1:
             raise RhovaeError(f"lr-factor must be in (0, 1), got {self.lr_factor}")
+        own = MODELS[self.model].likelihood if self.model in MODELS else ""
+        if own:  # the decoder is the likelihood: record it, and refuse settings that would not apply
+            if self.likelihood not in ("bernoulli", own):  # bernoulli: the flag's default
+                raise RhovaeError(
+                    f"the {self.model} model's decoder is its own likelihood; "
+                    f"drop --likelihood {self.likelihood}"
+                )
+            if self.pixels != "continuous":
+                raise RhovaeError(
+                    f"the {self.model} model takes its data as it is; drop --pixels {self.pixels}"
+                )
+            self.likelihood = own
+        elif self.likelihood == "decoder" and self.model in MODELS:
+            raise RhovaeError(
+                f"likelihood 'decoder' is for decoders that return their own distribution (--model lstm, "
+                f"or your networks through rhovae.fit); the {self.model} model needs another --likelihood"
+            )
         if self.model in MODELS:  # resolve the model's defaults, so config.toml records what ran
             if self.beta == -1.0:
                 self.beta = MODELS[self.model].beta

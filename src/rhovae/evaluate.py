@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rhovae.data import batches
+from rhovae.data import Data, batches
 from rhovae.errors import RhovaeError
 from rhovae.hierarchy import active_units_per_group
 from rhovae.model import VAE
 from rhovae.objectives import Objective
 from rhovae.posteriors import posterior_statistics
-from rhovae.runs import eval_mode, load_run, prepare_data, write_text_atomic
+from rhovae.runs import eval_mode, load_run, prepare_data, progress_bar, write_text_atomic
 
 __all__ = [
     "active_units",
@@ -63,12 +63,18 @@ def elbo_terms(model: VAE, x, batch_size: int = 1000, objective: Objective | Non
 
 
 @torch.no_grad()
-def iwae_nll(model: VAE, x, k: int, batch_size: int = 100) -> dict[str, float]:
-    """``-log p(x)`` estimated by the k-sample importance-weighted bound: mean and standard error."""
+def iwae_nll(model: VAE, x, k: int, batch_size: int = 100, progress: bool = False) -> dict[str, float]:
+    """``-log p(x)`` estimated by the k-sample importance-weighted bound: mean and standard error.
+    ``progress``: a bar over the examples (k = 1000 on a convolutional decoder takes minutes on a CPU)."""
     values = []
+    bar = progress_bar(len(x), f"IWAE k={k}", progress)
     with eval_mode(model):
         for xb in batches(x, batch_size):
             values.append(-model.iwae_bound(xb, k))
+            if bar is not None:
+                bar.update(len(xb))
+    if bar is not None:
+        bar.close()
     v = torch.cat(values)
     se = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else float("nan")
     return {"iwae_nll": float(v.mean()), "iwae_nll_se": se, "iwae_k": k}
@@ -113,12 +119,21 @@ def posterior_summary(model: VAE, x, batch_size: int = 1000) -> dict[str, Any]:
 
 
 def evaluate_run(
-    run_dir, iwae_k: int = 1000, checkpoint: str = "best", limit: int = 0, device: str = "auto", seed: int = 0
+    run_dir,
+    iwae_k: int = 1000,
+    checkpoint: str = "best",
+    limit: int = 0,
+    device: str = "auto",
+    seed: int = 0,
+    data: Data | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run folder on its test split; returns the record (:func:`write_evaluation` saves it).
 
     Test negative ELBO and its terms, the IWAE NLL with ``iwae_k`` samples, active units and the
     posterior family's statistics. ``limit > 0`` evaluates the first ``limit`` test examples.
+    ``data``: the run's data, already on the model's device, when the caller has it loaded (as
+    ``compare`` does after training); ``progress``: a bar over the IWAE pass.
     """
     if iwae_k < 1:
         raise RhovaeError(f"--iwae-k must be positive, got {iwae_k}")
@@ -127,7 +142,8 @@ def evaluate_run(
     run_dir = Path(run_dir)
     model, cfg, ckpt = load_run(run_dir, checkpoint, device)
     dev = model.device
-    data = prepare_data(cfg, dev)
+    if data is None:
+        data = prepare_data(cfg, dev)
     x = data.test
     x = x[: min(limit, len(x))] if limit > 0 else x
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
@@ -146,7 +162,7 @@ def evaluate_run(
             "test_neg_elbo": terms["recon"] + terms["kl"],
             "test_recon": terms["recon"],
             "test_kl": terms["kl"],
-            **iwae_nll(model, x, iwae_k),
+            **iwae_nll(model, x, iwae_k, progress=progress),
             **active_units(model, x),
             "posterior_statistics": posterior_summary(model, x),
             "parameters": sum(p.numel() for p in model.parameters()),

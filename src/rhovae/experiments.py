@@ -326,7 +326,7 @@ def run_one(run_id: str, cfg_dict: dict, run_dir: str, iwae_k: int, iwae_limit: 
     import torch
 
     from rhovae.evaluate import evaluate_run, write_evaluation
-    from rhovae.runs import RunInUse, RunLock
+    from rhovae.runs import RunInUse, RunLock, pick_device, prepare_data
     from rhovae.train import train
 
     if threads:
@@ -344,8 +344,9 @@ def run_one(run_id: str, cfg_dict: dict, run_dir: str, iwae_k: int, iwae_limit: 
             if _finished(path, cfg, iwae_k, iwae_limit):  # finished by the process that held it
                 return "done before"
             resume = (path / "last.pt").exists()
-            train(cfg, path, resume=resume, progress=False)
-            record = evaluate_run(path, iwae_k=iwae_k, limit=iwae_limit, device=cfg.device)
+            data = prepare_data(cfg, pick_device(cfg.device))  # loaded once for training and evaluation
+            train(cfg, path, resume=resume, progress=False, data=data)
+            record = evaluate_run(path, iwae_k=iwae_k, limit=iwae_limit, device=cfg.device, data=data)
             write_evaluation(path, {**record, "iwae_limit": iwae_limit})
     except RunInUse as e:
         log.warning("%s: %s", run_id, e)

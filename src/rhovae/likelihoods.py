@@ -19,10 +19,13 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, ContinuousBernoulli, Distribution, Independent, Normal
 
+from rhovae.errors import RhovaeError
+
 __all__ = [
     "LIKELIHOODS",
     "BernoulliLikelihood",
     "ContinuousBernoulliLikelihood",
+    "DecoderLikelihood",
     "GaussianLikelihood",
     "GaussianPerFeatureLikelihood",
     "make_likelihood",
@@ -85,9 +88,22 @@ class GaussianPerFeatureLikelihood(GaussianLikelihood):
         super().__init__(data_shape, per_feature=True, init_std=init_std)
 
 
+class DecoderLikelihood(_Likelihood):
+    """``decoder``: the decoder returns its own Distribution over x (the lstm model's autoregressive
+    categorical + Gaussian steps, or your own networks through ``rhovae.fit``), so there is nothing to
+    wrap; called only when a decoder returns a Tensor instead, which it says in one line."""
+
+    def forward(self, params: Tensor) -> Distribution:
+        raise RhovaeError(
+            f"likelihood 'decoder' needs a decoder that returns a torch Distribution over x, got a "
+            f"{type(params).__name__} of shape {tuple(params.shape)}; choose another --likelihood"
+        )
+
+
 LIKELIHOODS: dict[str, type[_Likelihood]] = {
     "bernoulli": BernoulliLikelihood,
     "continuous-bernoulli": ContinuousBernoulliLikelihood,
+    "decoder": DecoderLikelihood,
     "gaussian": GaussianLikelihood,
     "gaussian-per-feature": GaussianPerFeatureLikelihood,
 }

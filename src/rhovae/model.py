@@ -250,8 +250,9 @@ class ModelConfig:
         default="bernoulli",
         metadata=_help(
             "p(x|z): bernoulli (logits; on grey levels the paper's cross-entropy, not a density), "
-            "continuous-bernoulli (the normalised density on [0, 1]), gaussian (learned sigma) or "
-            "gaussian-per-feature (a learned sigma per pixel/feature)",
+            "continuous-bernoulli (the normalised density on [0, 1]), gaussian (learned sigma), "
+            "gaussian-per-feature (a learned sigma per pixel/feature) or decoder (the decoder returns "
+            "its own distribution: the lstm model's, set for it)",
             lambda: sorted(LIKELIHOODS),
         ),
     )
@@ -309,13 +310,15 @@ class Backbone:
     ``build(cfg, data_shape, meta) -> (encoder, decoder)``; ``meta`` is what the data source says about
     itself (e.g. a sequence set's vocabulary). ``input_size``: images are resized to (H, W) once,
     on the device, when loaded (None: as they come). ``beta`` and ``objective``: the defaults a run of
-    this model gets unless it sets its own.
+    this model gets unless it sets its own. ``likelihood``: set when the decoder returns its own
+    distribution over x (``"decoder"``); a run of this model then takes no other.
     """
 
     build: Callable[[ModelConfig, tuple[int, ...], dict[str, Any]], tuple[nn.Module, nn.Module]]
     input_size: tuple[int, int] | None = None
     beta: float = 1.0
     objective: str = "elbo"
+    likelihood: str = ""
 
 
 def _image_shape(model: str, data_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -364,7 +367,7 @@ MODELS: dict[str, Backbone] = {
     "cnn": Backbone(_cnn),
     "betavae": Backbone(_betavae, input_size=(64, 64), beta=4.0),
     "infovae": Backbone(_infovae, objective="infovae"),
-    "lstm": Backbone(_lstm),
+    "lstm": Backbone(_lstm, likelihood="decoder"),
 }
 
 

@@ -193,9 +193,14 @@ def make_head(name: str, in_features: int, latent_dim: int, flow_steps: int = 4)
 
 
 @singledispatch
+def _family_statistics(q: Distribution) -> dict[str, Tensor]:
+    return {}
+
+
 def posterior_statistics(q: Distribution) -> dict[str, Tensor]:
     """Per-sample summaries a posterior family reports for logging and evaluation, ``{name: (B,) or
-    (B, k)}``; families without any return ``{}``.
+    (B, k)}``, detached from the graph (they are read, not trained on); families without any return
+    ``{}``.
 
     The one hook through which trainer and evaluator learn about a family's own parameters (no caller
     reads attributes such as ``q.rho``). A new family registers its own::
@@ -204,7 +209,10 @@ def posterior_statistics(q: Distribution) -> dict[str, Tensor]:
         def _(q: MyDistribution) -> dict[str, Tensor]:
             return {"my_parameter": q.my_parameter}
     """
-    return {}
+    return {name: value.detach() for name, value in _family_statistics(q).items()}
+
+
+posterior_statistics.register = _family_statistics.register  # type: ignore[attr-defined]
 
 
 @posterior_statistics.register

@@ -53,6 +53,17 @@ CHECKPOINT_KEYS = ("format", "config", "data_shape", "preprocessing", "epoch", "
 RESUME_KEYS = ("optimizer", "scheduler", "rng", "history", "best_val", "best_epoch", "stale")
 
 
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr (None when disabled or tqdm is missing); callers ``update`` and ``close``."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
 def pick_device(name: str) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; anything else must be a device this machine has."""
     mps = getattr(torch.backends, "mps", None)

@@ -52,7 +52,7 @@ from rhovae.data import Data
 from rhovae.distributed import SINGLE, Cluster
 from rhovae.errors import RhovaeError
 from rhovae.evaluate import elbo_terms
-from rhovae.model import VAE, VAEOutput, build_model, check_networks
+from rhovae.model import MODELS, VAE, VAEOutput, build_model, check_networks
 from rhovae.objectives import Objective, objective_from_config
 from rhovae.posteriors import posterior_statistics
 from rhovae.runs import (
@@ -62,6 +62,7 @@ from rhovae.runs import (
     eval_mode,
     pick_device,
     prepare_data,
+    progress_bar,
     save_atomic,
     versions,
     write_text_atomic,
@@ -80,6 +81,9 @@ __all__ = [
     "train",
     "train_epoch",
 ]
+
+# paper-legacy runs: their losses are the reference code's objective (labelled in the log and metrics.csv)
+LEGACY_LABEL = "paper-legacy objective, NOT an ELBO"
 
 METRIC_FIELDS = [
     "epoch",
@@ -222,6 +226,11 @@ def train(
                 data.name, data.source, len(data.train), len(data.val), len(data.test),
                 data.data_shape, data.pixels,
             )  # fmt: skip
+            if "vocab" in data.meta and cfg.model in MODELS and not MODELS[cfg.model].likelihood:
+                log.warning(
+                    "note: %s is sequence data; the %s model reads each padded one-hot sequence as one "
+                    "flat vector (--model lstm is the sequence VAE)", data.name, cfg.model,
+                )  # fmt: skip
             if cluster.world > 1:
                 share = cfg.batch_size // cluster.world
                 log.info(
@@ -255,10 +264,13 @@ def _open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, stack: contextlib
     the checkpoint to resume from, if any."""
     if run_dir.is_file():
         raise RhovaeError(f"{run_dir}: is a file; choose a folder for --run-dir")
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RhovaeError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+    if created:  # runs after the lock is released: a run that failed before writing anything leaves nothing
+        stack.callback(_remove_if_unused, run_dir)
     stack.enter_context(RunLock(run_dir))
     ckpt = check_run_dir(run_dir, cfg, resume)
     if ckpt is not None and cfg.epochs < ckpt["epoch"]:
@@ -266,6 +278,14 @@ def _open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, stack: contextlib
             f"{run_dir} has already trained {ckpt['epoch']} epochs; --epochs must be at least that"
         )
     return ckpt
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Remove a run folder this process created when it holds nothing but its lock file."""
+    with contextlib.suppress(OSError):
+        if {p.name for p in run_dir.iterdir()} <= {".lock"}:
+            (run_dir / ".lock").unlink(missing_ok=True)
+            run_dir.rmdir()
 
 
 def make_run(
@@ -414,8 +434,9 @@ def _loop(run: Run) -> TrainResult:
                     writer.add_scalar(key, value, epoch)
         if cluster.main:
             log.info(
-                "epoch %d: train %.3f val %.3f test %.3f (%.1fs)",
+                "epoch %d: train %.3f val %.3f test %.3f (%.1fs)%s",
                 epoch, row["train_loss"], row["val_loss"], row["test_loss"], row["epoch_seconds"],
+                f" [{LEGACY_LABEL}]" if cfg.kl_estimator == "paper-legacy" else "",
             )  # fmt: skip
     if writer is not None:
         writer.close()
@@ -459,7 +480,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     n = len(data.train)
     n_batches = math.ceil(n / cfg.batch_size)
     totals = _Totals()
-    bar = _progress(n_batches, f"epoch {epoch}/{cfg.epochs}", run.progress)
+    bar = progress_bar(n_batches, f"epoch {epoch}/{cfg.epochs}", run.progress)
     start = time.perf_counter()
     batches = data.train_batches(cfg.batch_size, run.shuffle, run.pixels, cluster.rank, cluster.world)
     for step, xb in enumerate(batches, start=1):
@@ -547,16 +568,6 @@ def _diverged(
     )
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
 def _save_epoch(run: Run, improved: bool) -> None:
     cfg, state, data, cluster = run.cfg, run.state, run.data, run.cluster
     rng = run.rng_state()
@@ -592,10 +603,11 @@ def _save_epoch(run: Run, improved: bool) -> None:
     )
     buf = io.StringIO()
     extra = sorted({k for row in state.history for k in row} - set(METRIC_FIELDS))  # e.g. per-group KLs
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS + extra, extrasaction="ignore")
+    label = {"objective": LEGACY_LABEL} if cfg.kl_estimator == "paper-legacy" else {}
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS + extra + list(label), extrasaction="ignore")
     w.writeheader()
     for row in state.history:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()} | label)
     write_text_atomic(run.run_dir / "metrics.csv", buf.getvalue())
     if cfg.pictures:
         from rhovae.plots import save_loss_curves, save_pictures

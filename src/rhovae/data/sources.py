@@ -276,10 +276,11 @@ def npz_source(path: Path, options: SourceOptions) -> RawSplits:
             with _decoding(f"{path}: cannot read array {key!r}", "save it again"):
                 mapped = _map_stored_member(path, members[key])
                 arrays[key] = mapped if mapped is not None else npz[key]
-    mapped_keys = [k for k, a in arrays.items() if isinstance(a, np.memmap)]
+    # stored members are read through memory maps; whether a split then stays on disk is load_data's
+    # choice (--in-memory-limit-mb), which it reports itself
     return RawSplits(
         **arrays,
-        source=f".npz arrays {path}" + (f" ({', '.join(mapped_keys)} memory-mapped)" if mapped_keys else ""),
+        source=f".npz arrays {path}",
         files={k: f"{path} ({k})" for k in arrays},
     )
 
