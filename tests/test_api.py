@@ -101,6 +101,13 @@ def test_fit_with_own_networks_and_load_them_back(tmp_path):
         rhovae.fit(
             posterior="ar1", data=images, encoder=Encoder(), decoder=bad, run_dir=tmp_path / "y", **TINY
         )
+    with pytest.raises(
+        RhovaeError, match="likelihood 'decoder' needs a decoder that returns a torch Distribution"
+    ):
+        rhovae.fit(
+            posterior="ar1", likelihood="decoder", data=images, encoder=Encoder(), decoder=own_decoder(),
+            run_dir=tmp_path / "z", **TINY,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("model_name", sorted(MODELS))
