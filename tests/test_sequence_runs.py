@@ -41,6 +41,20 @@ def test_lstm_on_nas201_trains_evaluates_and_samples_text(tmp_path, capsys, post
     assert main(["-q", "sample", str(run), "-n", "3", "--temperature", "1.5"]) == 0
 
 
+def test_lstm_runs_recorded_with_the_old_likelihood_name_resume_and_load(tmp_path):
+    run = tmp_path / "run"
+    flags = "--model lstm --latent-dim 2 --hidden 8 --limit 64 --no-pictures"
+    assert main(train_argv(run, flags, "--epochs 1", data=("--dataset", "nas201"))) == 0
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace('likelihood = "decoder"', 'likelihood = "bernoulli"'))
+    for name in ("last.pt", "best.pt"):  # as an earlier rhovae wrote them
+        ckpt = torch.load(run / name, weights_only=False)
+        ckpt["config"]["likelihood"] = "bernoulli"
+        torch.save(ckpt, run / name)
+    assert main(train_argv(run, flags, "--epochs 2 --resume", data=("--dataset", "nas201"))) == 0
+    assert rhovae.load(run, device="cpu").elbo(load_data("nas201", limit=4).test).shape == (4,)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -330,7 +330,11 @@ def from_dict(values: dict[str, Any], base: RunConfig | None = None, where: str 
         if name not in known:
             raise RhovaeError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
         out[name] = _coerce(key, value, getattr(RunConfig(), name))
-    return dataclasses.replace(base, **out)
+    cfg = dataclasses.replace(base, **out)
+    own = MODELS[cfg.model].likelihood if cfg.model in MODELS else ""
+    if own and cfg.likelihood == "bernoulli":  # runs recorded before the model named its own likelihood
+        cfg.likelihood = own
+    return cfg
 
 
 def load_config(path: str | Path) -> RunConfig:
