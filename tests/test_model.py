@@ -98,3 +98,24 @@ def test_unknown_model_and_sizes():
         RunConfig(latent_dim=0).validate()  # sizes are validated once, where settings enter
     with pytest.raises(RhovaeError, match="unknown posterior"):
         build_model(ModelConfig(posterior="gaussian"), SHAPE)
+
+
+def test_cnn_encoder_stays_alive_through_the_first_adam_steps_on_mnist():
+    """Regression: under torch's default initialisation the cnn's second convolution died within ten
+    Adam steps (lr 1e-3) on MNIST, so every image got the same posterior and the posterior collapsed."""
+    from rhovae.data import load_data
+
+    x = load_data("mnist-5k", val_size=400, limit=1024).train
+    torch.manual_seed(0)
+    model = build_model(RunConfig(model="cnn", latent_dim=10).validate(), (1, 28, 28))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(20):
+        loss = Objective()(model(x[128 * (step % 8) : 128 * (step % 8 + 1)]), model)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        conv2 = model.encoder.net[:4](x[:256])  # after the second convolution's ReLU
+        means = model.posterior(x[:256]).mean
+    assert (conv2 > 0).float().mean() > 0.02  # units alive
+    assert means.std(0).mean() > 1e-2  # the posterior depends on the image

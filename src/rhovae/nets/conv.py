@@ -5,6 +5,12 @@ hidden), ReLU between. The decoder mirrors it with transposed convolutions and r
 exactly (output padding is computed from the encoder's sizes). Unlike the reference code's
 ``padding=15`` variant (over 100M parameters in its first dense layer), padding is 1, so on 28x28 the
 flattened map is 128x7x7.
+
+Weights are He-initialised (``kaiming_normal_`` for ReLU, zero biases). With torch's default
+initialisation the activations shrink ~2.5x per layer (std 0.03 after the second convolution on MNIST),
+and the first Adam steps at lr 1e-3 push every unit of the second convolution below zero within ten
+steps: the encoder's output is then the same for every image and the posterior collapses (KL < 0.03
+nats after 40 epochs on mnist-5k, with or without KL warm-up). He initialisation keeps the units alive.
 """
 
 from __future__ import annotations
@@ -19,6 +25,15 @@ def channels_last(x: Tensor) -> Tensor:
     """``x`` in channels-last layout: oneDNN's (and cuDNN's) faster path for these convolutions. On a
     2-core CPU it cuts a 1,000-sample IWAE decoder pass by 20-45 % (benchmarks/bench_models.py)."""
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def he_init(module: nn.Module) -> None:
+    """He (Kaiming) normal weights for ReLU layers and zero biases, for every conv and linear layer."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def _down(size: int) -> int:
@@ -45,6 +60,7 @@ class ConvEncoder(nn.Module):
             nn.Linear(dense, hidden),
             nn.ReLU(),
         )
+        he_init(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(channels_last(x))
@@ -66,6 +82,7 @@ class ConvDecoder(nn.Module):
             nn.ReLU(),
             nn.ConvTranspose2d(64, c, 4, 2, 1, output_padding=(h - 2 * h1, w - 2 * w1)),
         )
+        he_init(self)
 
     def forward(self, z: Tensor) -> Tensor:
         lead = z.shape[:-1]
