@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch.distributions import Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, kl_divergence
 
 from rhovae.config import RunConfig
 from rhovae.distributions import AR1Normal
@@ -10,7 +10,13 @@ from rhovae.errors import RhovaeError
 from rhovae.posteriors import HEADS, AR1GaussianHead, DiagonalGaussianHead, FullCovGaussianHead, make_head
 
 H, D, B = 16, 5, 7
-EXPECTED_OUTPUTS = {"diagonal": 2 * D, "ar1": D + 2, "ar1-diag": 2 * D + 1, "full": 2 * D + D * (D - 1) // 2}
+EXPECTED_OUTPUTS = {
+    "diagonal": 2 * D,
+    "ar1": D + 2,
+    "ar1-diag": 2 * D + 1,
+    "isotropic": D + 1,
+    "full": 2 * D + D * (D - 1) // 2,
+}
 
 
 def std_normal(d):
@@ -85,6 +91,17 @@ def test_full_head_with_zero_off_diagonal_equals_diagonal_head():
     z = torch.randn(3, B, D)
     torch.testing.assert_close(qf.log_prob(z), qd.log_prob(z))
     torch.testing.assert_close(kl_divergence(qf, std_normal(D)), kl_divergence(qd, std_normal(D)))
+
+
+def test_isotropic_head_is_a_dense_gaussian_with_covariance_s_times_identity():
+    torch.manual_seed(2)
+    q = make_head("isotropic", H, D)(torch.randn(B, H))
+    assert torch.equal(q.rho, torch.zeros(B, 1))
+    s = q.scale.pow(2)  # (B, 1)
+    dense = MultivariateNormal(q.loc, covariance_matrix=s[..., None] * torch.eye(D))
+    z = torch.randn(3, B, D)
+    torch.testing.assert_close(q.log_prob(z), dense.log_prob(z))
+    torch.testing.assert_close(kl_divergence(q, std_normal(D)), kl_divergence(dense, std_normal(D)))
 
 
 def test_full_head_covariance_is_lower_cholesky():

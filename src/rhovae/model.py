@@ -236,7 +236,8 @@ class ModelConfig:
         default="ar1",
         metadata=_help(
             "posterior family: diagonal, ar1 (the paper's 2-scalar AR(1)), ar1-diag (AR(1) with "
-            "per-dimension scales), full (full covariance), planar or iaf (flows on the diagonal base), "
+            "per-dimension scales), isotropic (N(mu, s I): ar1 with rho = 0), full (full covariance), planar "
+            "or iaf (flows on the diagonal base), "
             "or BASE+FLOW such as ar1+iaf",
             posterior_names,
         ),

@@ -57,19 +57,26 @@ class AR1GaussianHead(nn.Module):
 
     ``mu = Linear(h, d)``, ``rho = RHO_BOUND * tanh(Linear(h, 1))``, ``log s = Linear(h, 1)``.
     With ``per_dim_scale=True`` the log-variance head is ``Linear(h, d)`` instead ("ρ + diagonal",
-    docs/math.md §3). Returns an :class:`AR1Normal` of batch shape ``(B,)``.
+    docs/math.md §3). With ``correlated=False`` there is no ρ head and ρ = 0: ``N(mu, s I)``, the
+    isotropic control that separates what ρ does from what the single shared scale does. Returns an
+    :class:`AR1Normal` of batch shape ``(B,)``.
     """
 
-    def __init__(self, in_features: int, latent_dim: int, per_dim_scale: bool = False) -> None:
+    def __init__(
+        self, in_features: int, latent_dim: int, per_dim_scale: bool = False, correlated: bool = True
+    ) -> None:
         super().__init__()
         self.in_features, self.latent_dim = in_features, latent_dim
         self.per_dim_scale = per_dim_scale
         self.loc = nn.Linear(in_features, latent_dim)
-        self.rho = nn.Linear(in_features, 1)
+        self.rho = nn.Linear(in_features, 1) if correlated else None
         self.log_var = nn.Linear(in_features, latent_dim if per_dim_scale else 1)
 
     def forward(self, h: Tensor) -> Distribution:
-        rho = RHO_BOUND * torch.tanh(self.rho(h))
+        if self.rho is None:
+            rho = h.new_zeros((*h.shape[:-1], 1))
+        else:
+            rho = RHO_BOUND * torch.tanh(self.rho(h))
         scale = torch.exp(0.5 * self.log_var(h))
         return AR1Normal(self.loc(h), rho, scale, validate_args=False)
 
@@ -107,6 +114,7 @@ HEADS: dict[str, HeadFactory] = {
     "diagonal": DiagonalGaussianHead,
     "ar1": AR1GaussianHead,
     "ar1-diag": partial(AR1GaussianHead, per_dim_scale=True),
+    "isotropic": partial(AR1GaussianHead, correlated=False),
     "full": FullCovGaussianHead,
 }
 

@@ -14,7 +14,7 @@ Which ``KL(q || p)`` the VAE gets in closed form (``kl_divergence``; pairs regis
 
     posterior (head)            q's type                  standard   ar1       made
     diagonal                    Independent(Normal)       closed     MC        MC
-    ar1, ar1-diag               AR1Normal                 closed     closed    MC
+    ar1, ar1-diag, isotropic    AR1Normal                 closed     closed    MC
     full                        MultivariateNormal        closed     MC        MC
     planar, iaf, BASE+FLOW      FlowPosterior             MC         MC        MC
     hierarchical (any family)   HierarchicalPosterior     per group, see rhovae.hierarchy
