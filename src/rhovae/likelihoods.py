@@ -96,7 +96,7 @@ class DecoderLikelihood(_Likelihood):
     def forward(self, params: Tensor) -> Distribution:
         raise RhovaeError(
             f"likelihood 'decoder' needs a decoder that returns a torch Distribution over x, got a "
-            f"{type(params).__name__} of shape {tuple(params.shape)}; choose another --likelihood"
+            f"{type(params).__name__} of shape {tuple(params.shape)}; choose another likelihood"
         )
 
 

@@ -217,10 +217,16 @@ def posterior_statistics(q: Distribution) -> dict[str, Tensor]:
         def _(q: MyDistribution) -> dict[str, Tensor]:
             return {"my_parameter": q.my_parameter}
     """
-    return {name: value.detach() for name, value in _family_statistics(q).items()}
+    return {
+        name: value.detach() if isinstance(value, Tensor) else value
+        for name, value in _family_statistics(q).items()
+    }
 
 
+# the singledispatch interface (register, dispatch, registry) on the detaching wrapper
 posterior_statistics.register = _family_statistics.register  # type: ignore[attr-defined]
+posterior_statistics.dispatch = _family_statistics.dispatch  # type: ignore[attr-defined]
+posterior_statistics.registry = _family_statistics.registry  # type: ignore[attr-defined]
 
 
 @posterior_statistics.register

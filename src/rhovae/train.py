@@ -269,9 +269,9 @@ def _open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, stack: contextlib
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RhovaeError(f"cannot create run folder {run_dir}: {e.strerror}") from None
-    if created:  # runs after the lock is released: a run that failed before writing anything leaves nothing
-        stack.callback(_remove_if_unused, run_dir)
     stack.enter_context(RunLock(run_dir))
+    if created:  # runs while the lock is still held: a run that failed before writing anything leaves nothing
+        stack.callback(_remove_if_unused, run_dir)
     ckpt = check_run_dir(run_dir, cfg, resume)
     if ckpt is not None and cfg.epochs < ckpt["epoch"]:
         raise RhovaeError(

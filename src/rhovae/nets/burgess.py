@@ -56,5 +56,5 @@ class BurgessDecoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         lead = z.shape[:-1]
         x = self.dense(z.reshape(-1, z.shape[-1])).view(-1, 64, 4, 4)
-        out = self.deconv(channels_last(x))
+        out = self.deconv(channels_last(x)).contiguous()  # users get the usual layout back
         return out.view(*lead, *out.shape[1:])

@@ -87,5 +87,5 @@ class ConvDecoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         lead = z.shape[:-1]
         x = self.dense(z.reshape(-1, z.shape[-1])).view(-1, *self.map_shape)
-        out = self.deconv(channels_last(x))
+        out = self.deconv(channels_last(x)).contiguous()  # users get the usual layout back
         return out.view(*lead, *out.shape[1:])
