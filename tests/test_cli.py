@@ -117,6 +117,18 @@ def test_missing_and_corrupt_data_through_the_cli(idx_dir, tmp_path, capsys):
     assert "t10k-images-idx3-ubyte: IDX file truncated" in err and "\n" not in err.strip()
 
 
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    """``rhovae ... | head``: the reader leaves, rhovae stops without an error line or a traceback."""
+    code = (
+        "import sys; from rhovae import cli; sys.stdout.close = lambda: None\n"
+        "def listing(args):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "cli.COMMANDS['sample'] = listing\n"
+        "sys.exit(cli.main(['sample', 'x']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr == ""
+
+
 def test_installed_entry_point_exits_non_zero_without_traceback(tmp_path):
     env = {**os.environ, "RHOVAE_DATA": str(tmp_path)}
     proc = subprocess.run(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -408,6 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     except RhovaeError as e:
         print(f"rhovae: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (``rhovae evaluate RUN | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"rhovae: error: {_one_line(f'{where}{e.strerror or e}')}", file=sys.stderr)
