@@ -60,3 +60,25 @@ def train_argv(run_dir, *flags: str, data: tuple[str, ...] = ()) -> list[str]:
     whole strings ("--latent-dim 3 --epochs 1"), ``data`` names the dataset flags."""
     words = [w for f in flags for w in f.split()]
     return ["-q", "train", *data, "--device", "cpu", "--run-dir", str(run_dir), "--no-progress", *words]
+
+
+def toy_experiment(idx_dir, seeds=(0,), **run):
+    """A two-run grid (mlp, diagonal vs ar1) on the small IDX files, for compare tests."""
+    from rhovae.experiments import Experiment
+
+    return Experiment(
+        name="toy",
+        grid={"model": ["mlp"], "dataset": ["mnist"], "posterior": ["diagonal", "ar1"], "seed": list(seeds)},
+        run={
+            "data_dir": str(idx_dir),
+            "val_size": 100,
+            "latent_dim": 3,
+            "hidden": 16,
+            "epochs": 1,
+            "batch_size": 100,
+            "device": "cpu",
+            "pictures": True,
+            **run,
+        },
+        iwae_k=5,
+    )

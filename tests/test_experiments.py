@@ -7,35 +7,17 @@ import math
 
 import pytest
 import torch
+from conftest import toy_experiment as toy
 from conftest import train_argv
 
 from rhovae.cli import main
 from rhovae.config import RunConfig
 from rhovae.distributions import AR1Normal
 from rhovae.errors import RhovaeError
-from rhovae.experiments import Experiment, compare, load_experiment, paired_difference
+from rhovae.experiments import compare, load_experiment, paired_difference
 from rhovae.legacy import PaperLegacyAR1, paper_legacy_kl_total
 from rhovae.model import ModelConfig, build_model
 from rhovae.objectives import Objective
-
-
-def toy(idx_dir, seeds=(0,), **run):
-    return Experiment(
-        name="toy",
-        grid={"model": ["mlp"], "dataset": ["mnist"], "posterior": ["diagonal", "ar1"], "seed": list(seeds)},
-        run={
-            "data_dir": str(idx_dir),
-            "val_size": 100,
-            "latent_dim": 3,
-            "hidden": 16,
-            "epochs": 1,
-            "batch_size": 100,
-            "device": "cpu",
-            "pictures": True,
-            **run,
-        },
-        iwae_k=5,
-    )
 
 
 def test_two_run_grid_writes_report_with_the_right_rows(idx_dir, tmp_path):

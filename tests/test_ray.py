@@ -5,27 +5,14 @@ import csv
 import sys
 
 import pytest
+from conftest import toy_experiment
 
 from rhovae.errors import RhovaeError
-from rhovae.experiments import Experiment, compare
+from rhovae.experiments import compare
 
 
 def toy(idx_dir):
-    return Experiment(
-        name="toy",
-        grid={"model": ["mlp"], "dataset": ["mnist"], "posterior": ["diagonal", "ar1"], "seed": [0]},
-        run={
-            "data_dir": str(idx_dir),
-            "val_size": 100,
-            "latent_dim": 3,
-            "hidden": 16,
-            "epochs": 1,
-            "batch_size": 100,
-            "device": "cpu",
-            "pictures": False,
-        },  # fmt: skip
-        iwae_k=5,
-    )
+    return toy_experiment(idx_dir, pictures=False)
 
 
 def rows(out):
