@@ -11,6 +11,7 @@ described in :mod:`rhovae.train`.
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,6 +131,11 @@ def join(device: torch.device) -> tuple[Cluster, torch.device]:
     if not dist.is_initialized():
         if not dist.is_available():
             raise RhovaeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+        # torch.distributed.nn.functional binds group.WORLD as a default argument when first imported
+        # (DDP imports it): imported after init, it would hold the process group for the life of the
+        # process, and the group's gloo worker threads would outlive the interpreter (an abort at exit)
+        importlib.import_module("torch.distributed.nn.functional")
+
         dist.init_process_group(backend)
         atexit.register(_destroy)
     elif dist.get_backend() != backend:
