@@ -59,6 +59,8 @@ def test_lstm_runs_recorded_with_the_old_likelihood_name_resume_and_load(tmp_pat
     ("flags", "message"),
     [
         ("--model lstm --likelihood gaussian", "decoder is its own likelihood; drop --likelihood gaussian"),
+        # the flag's default, but given: refused as well (a run config that omits it is not)
+        ("--model lstm --likelihood bernoulli", "decoder is its own likelihood; drop --likelihood bernoulli"),
         ("--model lstm --pixels static", "drop --pixels static"),
         ("--model mlp --likelihood decoder", "the mlp model needs another --likelihood"),
     ],

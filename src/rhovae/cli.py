@@ -21,6 +21,7 @@ from pathlib import Path
 from rhovae.config import RunConfig, from_dict, load_config
 from rhovae.errors import RhovaeError
 from rhovae.experiments import PRESETS
+from rhovae.model import MODELS
 
 
 def config_flags() -> dict[str, str]:
@@ -175,7 +176,13 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
         for f in dataclasses.fields(RunConfig)
         if getattr(args, f.name) is not None
     }
-    return from_dict(overrides, base=cfg, where="command line").validate()
+    resolved = from_dict(overrides, base=cfg, where="command line").validate()
+    own = MODELS[resolved.model].likelihood if resolved.model in MODELS else ""
+    if own and args.likelihood not in (None, own):  # validate() lets the default through, not the flag
+        raise RhovaeError(
+            f"the {resolved.model} model's decoder is its own likelihood; drop --likelihood {args.likelihood}"
+        )
+    return resolved
 
 
 def cmd_train(args: argparse.Namespace) -> int:
