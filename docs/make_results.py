@@ -58,7 +58,8 @@ def main() -> None:
         body = body.replace("\n### Random samples", "\n#### Random samples").replace(
             "\n### Test images", "\n#### Test images"
         )
-        wall = report.get("wall_seconds")
+        # reports that predate per-run timing state only the wall time of their last compare command
+        wall = None if "compute_seconds" in report else report.get("wall_seconds")
         parts += [
             f"## {report['experiment']['name']}",
             "",
@@ -66,7 +67,7 @@ def main() -> None:
             commands[name],
             "```",
             "",
-            f"Wall time: {wall / 60:.0f} min." if wall else "",
+            f"Wall time of the last compare command: {wall / 60:.0f} min." if wall else "",
             body.strip(),
             "",
         ]

@@ -61,6 +61,18 @@ def test_interrupted_grid_resumes_without_redoing_finished_runs(idx_dir, tmp_pat
     assert calls == [("mlp-mnist-ar1-s1", True)]
     with open(tmp_path / "out" / "runs.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
+    # the time the report states counts every run, not only what the last command did
+    spent = json.loads((tmp_path / "out" / "report.json").read_text())["compute_seconds"]
+    training = evaluation = 0.0
+    for run in runs.iterdir():
+        with open(run / "metrics.csv") as f:
+            training += sum(float(r["epoch_seconds"]) for r in csv.DictReader(f))
+        evaluation += json.loads((run / "evaluation.json").read_text())["evaluation_seconds"]
+    assert spent == pytest.approx({"training": training, "evaluation": evaluation})
+    assert (
+        f"training {training / 60:.1f} min and evaluation {evaluation / 60:.1f} min, summed over the 4 runs"
+        in (tmp_path / "out" / "report.md").read_text()
+    )
 
 
 def test_paired_difference_against_a_hand_computed_example():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,7 @@ def evaluate_run(
         raise RhovaeError(f"--iwae-k must be positive, got {iwae_k}")
     if limit < 0:
         raise RhovaeError(f"--limit must be >= 0, got {limit}")
+    start = time.perf_counter()
     run_dir = Path(run_dir)
     model, cfg, ckpt = load_run(run_dir, checkpoint, device)
     dev = model.device
@@ -150,7 +152,7 @@ def evaluate_run(
         torch.manual_seed(seed)
         terms = elbo_terms(model, x)
         extra = sequence_evaluation(model, x, data, seed) if "vocab" in data.meta else {}
-        return {
+        record = {
             **extra,
             "run": str(run_dir),
             "checkpoint": checkpoint,
@@ -169,6 +171,8 @@ def evaluate_run(
             "seed": seed,
             "config": cfg.to_dict(),
         }
+    record["evaluation_seconds"] = round(time.perf_counter() - start, 3)  # with loading, on this machine
+    return record
 
 
 @torch.no_grad()

@@ -463,6 +463,8 @@ def _collect(exp: Experiment, out: Path) -> list[dict[str, Any]]:
             row = {"run": rid, **choices, "kl_estimator": cfg.kl_estimator}
             row.update({k: record[k] for k in METRICS + OPTIONAL_METRICS if k in record})
             row["epoch_seconds"] = sum(float(h["epoch_seconds"]) for h in history) / len(history)
+            row["_train_seconds"] = sum(float(h["epoch_seconds"]) for h in history)
+            row["_evaluation_seconds"] = record.get("evaluation_seconds")  # absent in older records
             row["parameters"] = record.get("parameters")
             row["iwae_k"] = record["iwae_k"]
             row["test_images"] = record["test_images"]
@@ -546,6 +548,7 @@ def write_report(exp: Experiment, out: str | Path, wall_seconds: float | None = 
         "experiment": dataclasses.asdict(exp),
         "machine": machine,
         "wall_seconds": wall_seconds,
+        "compute_seconds": _compute_seconds(rows),
         "runs": clean,
         "summary": summary,
         "paired": paired,
@@ -566,6 +569,16 @@ def write_report(exp: Experiment, out: str | Path, wall_seconds: float | None = 
     return out / "report.md"
 
 
+def _compute_seconds(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Training and evaluation time summed over the reported runs, however many ``compare`` commands
+    (or machines) produced them; evaluation is ``None`` when some record predates its timing."""
+    evaluation = [r["_evaluation_seconds"] for r in rows]
+    return {
+        "training": sum(r["_train_seconds"] for r in rows),
+        "evaluation": None if None in evaluation else sum(evaluation),
+    }
+
+
 def _fmt(ms: tuple[float, float], digits: int = 2) -> str:
     mean, sd = ms
     return f"{mean:.{digits}f}" if math.isnan(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
@@ -583,10 +596,15 @@ def _markdown(exp: Experiment, report: dict, setup_keys: list[str], legacy: bool
             "",
         ]
     m = report["machine"]
-    wall = report["wall_seconds"]
+    wall, compute = report["wall_seconds"], report["compute_seconds"]
+    spent = f"training {compute['training'] / 60:.1f} min"
+    if compute["evaluation"] is not None:
+        spent += f" and evaluation {compute['evaluation'] / 60:.1f} min"
     lines += [
         f"Machine: {m.get('device', '?')}, {m['cpus']} CPUs, torch {m.get('torch', '?')}, "
-        f"Python {m['python']}" + (f"; wall time {wall / 60:.1f} min" if wall else "") + ".",
+        f"Python {m['python']}. Time: {spent}, summed over the {len(report['runs'])} runs"
+        + (f"; the last `compare` command took {wall / 60:.1f} min" if wall else "")
+        + ".",
         f"IWAE with k = {exp.iwae_k}"
         + (f" on the first {exp.iwae_limit} test examples" if exp.iwae_limit else " on every test example")
         + ". All losses in nats per example (image or sequence).",
