@@ -10,14 +10,12 @@ The trainer's own inner loop (rhovae.train.train_epoch) over --images Fashion-MN
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
+from common import best_epoch_seconds, fashion_or_random, machine_name
 
 from rhovae.config import RunConfig
-from rhovae.data import Data, load_data
-from rhovae.errors import RhovaeError
-from rhovae.train import make_run, train_epoch
+from rhovae.train import make_run
 
 FAMILIES = ["diagonal", "ar1", "ar1-diag", "full", "planar", "iaf", "ar1+planar", "ar1+iaf"]
 
@@ -32,13 +30,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    try:
-        data = load_data("fashion-mnist", val_size=5000, device=device, limit=args.images)
-        source = "Fashion-MNIST"
-    except RhovaeError:
-        x = torch.rand((args.images, 1, 28, 28), generator=torch.Generator().manual_seed(0)).to(device)
-        data, source = Data(x, x[:10], x[:10], "continuous", "random", "synthetic"), "random pixels"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    data, source = fashion_or_random(args.images, device)
+    name = machine_name(device)
     print(
         f"# MLP VAE, {len(data.train)} {source} images per epoch, batch 128, z = 10, {args.flow_steps} flow "
         f"steps, {device.type} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads"
@@ -49,11 +42,7 @@ def main() -> None:
     for family in FAMILIES:
         cfg = RunConfig(posterior=family, latent_dim=10, flow_steps=args.flow_steps).validate()
         torch.manual_seed(0)
-        run = make_run(cfg, data)
-        run.data = Data(data.train[:384], data.val, data.test, data.pixels, data.source, data.name)
-        train_epoch(run, 1)  # warm-up
-        run.data = data
-        seconds = min(train_epoch(run, 1)["epoch_seconds"] for _ in range(args.repeats))
+        seconds = best_epoch_seconds(make_run(cfg, data), args.repeats)
         base = base or seconds
         print(f"| {family} | {seconds:.2f} | {seconds / base:.2f}× |", flush=True)
 

@@ -10,14 +10,12 @@ images per epoch; each cell is the best of ``--repeats`` epochs after a warm-up 
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
+from common import best_epoch_seconds, fashion_or_random, machine_name
 
 from rhovae.config import RunConfig
-from rhovae.data import Data, load_data
-from rhovae.errors import RhovaeError
-from rhovae.train import make_run, train_epoch
+from rhovae.train import make_run
 
 SETUPS = [
     ("flat, N(0, I)", {}),
@@ -36,13 +34,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    try:
-        data = load_data("fashion-mnist", pixels="dynamic", device=device, limit=args.images)
-        source = "Fashion-MNIST"
-    except RhovaeError:
-        x = torch.rand((args.images, 1, 28, 28), generator=torch.Generator().manual_seed(0)).to(device)
-        data, source = Data(x, x[:10], x[:10], "dynamic", "random", "synthetic"), "random pixels"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    data, source = fashion_or_random(args.images, device, pixels="dynamic")
+    name = machine_name(device)
     print(
         f"# MLP VAE, latent 10, {len(data.train)} {source} images per epoch, batch 128, {device.type} "
         f"({name}), torch {torch.__version__}, {torch.get_num_threads()} threads"
@@ -55,8 +48,7 @@ def main() -> None:
             cfg = RunConfig(posterior=posterior, pixels="dynamic", **settings).validate()
             torch.manual_seed(0)
             run = make_run(cfg, data)
-            train_epoch(run, 1)  # warm-up
-            seconds = min(train_epoch(run, 1)["epoch_seconds"] for _ in range(args.repeats))
+            seconds = best_epoch_seconds(run, args.repeats)
             base = base or seconds
             params = sum(p.numel() for p in run.model.parameters())
             print(

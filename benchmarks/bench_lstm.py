@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import torch
+from common import machine_name
 
 from rhovae.errors import RhovaeError
 from rhovae.nets.lstm import LSTMDecoder, LSTMEncoder
@@ -83,16 +84,6 @@ def bench(x: np.ndarray, vocab: SequenceVocab, args, device: torch.device) -> tu
     )
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -111,7 +102,7 @@ def main() -> None:
 
     nas, _, _, nas_vocab = nas201_dataset(None, seed=0)
     words, words_vocab, words_source = words_data()
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    where = machine_name(device)
     print(f"# {platform.platform()}, python {platform.python_version()}, torch {torch.__version__}")
     print(
         f"# device {device} ({where}), {torch.get_num_threads()} CPU threads; hidden {args.hidden}, ", end=""

@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import time
 
 import torch
 from bench_train import matmul_rate, sync, training_flops
+from common import best_epoch_seconds, fashion_or_random, machine_name
 
 import rhovae.nets.burgess
 import rhovae.nets.conv
 import rhovae.nets.dcgan
 from rhovae.config import RunConfig
-from rhovae.data import Data, load_data
-from rhovae.errors import RhovaeError
+from rhovae.data import Data
 from rhovae.model import MODELS
 from rhovae.runs import eval_mode
-from rhovae.train import make_run, train_epoch
+from rhovae.train import make_run
 
 EPOCH_IMAGES = 55000
 IWAE_IMAGES = 250
@@ -53,14 +52,7 @@ def layout(name: str):
 
 
 def data_for(model: str, n: int, device) -> tuple[Data, str]:
-    size = MODELS[model].input_size
-    try:
-        data = load_data("fashion-mnist", val_size=5000, device=device, limit=n, size=size)
-        return data, "Fashion-MNIST"
-    except RhovaeError:
-        shape = (1, *(size or (28, 28)))
-        x = torch.rand((n, *shape), generator=torch.Generator().manual_seed(0)).to(device)
-        return Data(x, x[:10], x[:10], "continuous", "random", "synthetic"), "random pixels"
+    return fashion_or_random(n, device, size=MODELS[model].input_size)
 
 
 def time_cell(cfg: RunConfig, data: Data, device) -> tuple[float, float, float]:
@@ -68,12 +60,7 @@ def time_cell(cfg: RunConfig, data: Data, device) -> tuple[float, float, float]:
     torch.manual_seed(0)
     run = make_run(cfg, data)
     flops = training_flops(run.model, data.train[: cfg.batch_size]) * -(-EPOCH_IMAGES // cfg.batch_size)
-    run.data = Data(
-        data.train[: 3 * cfg.batch_size], data.val, data.test, data.pixels, data.source, data.name
-    )
-    train_epoch(run, 1)  # warm-up
-    run.data = data
-    epoch = train_epoch(run, 1)["epoch_seconds"] * EPOCH_IMAGES / len(data.train)
+    epoch = best_epoch_seconds(run, 1) * EPOCH_IMAGES / len(data.train)
     x = data.test[:1]
     with torch.no_grad(), eval_mode(run.model):
         run.model.iwae_bound(x, 100)  # warm-up
@@ -97,7 +84,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    name = machine_name(device)
     peak = matmul_rate([(1024, 1024, 1024)], device)
     source = ""
     rows = []

@@ -22,12 +22,12 @@ threads a busy core stalls the others at every parallel op, and wall times becom
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import time
 
 import torch
+from common import machine_name
 from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from rhovae.distributions import AR1Normal, StandardNormal
@@ -107,17 +107,6 @@ def time_steps(steps, device, min_time=1.0, repeats=7, clock=time.perf_counter):
             sync()
             samples[name].append((clock() - start) / calls[name])
     return {name: statistics.median(s) for name, s in samples.items()}
-
-
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        model = ""
-    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
 
 
 def main() -> None:

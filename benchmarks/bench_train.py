@@ -14,10 +14,10 @@ On Fashion-MNIST-shaped data (random pixels, 60,000 images of 1x28x28 by default
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
+from common import machine_name
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--latent", type=int, nargs="+", default=[10, 64])
     args = parser.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    name = machine_name(device)
     g = torch.Generator().manual_seed(0)
     x = torch.rand((args.images, *SHAPE), generator=g).to(device)
     data = Data(x, x[:1000], x[:1000], "continuous", "random pixels", "synthetic")
