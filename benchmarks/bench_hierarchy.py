@@ -2,7 +2,7 @@
 
 The trainer's own loop (rhovae.train.train_epoch) on the MLP backbone, latent 10, batch 128, dynamically
 binarised Fashion-MNIST (random pixels when it is not installed), the first ``--images`` training
-images per epoch; each cell is the best of ``--repeats`` epochs after a warm-up epoch.
+images per epoch; each cell is the best of ``--repeats`` epochs after a three-batch warm-up.
 
     python benchmarks/bench_hierarchy.py [--images 20000] [--repeats 2] [--device cpu]
 """

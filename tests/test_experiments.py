@@ -68,11 +68,16 @@ def test_interrupted_grid_resumes_without_redoing_finished_runs(idx_dir, tmp_pat
         with open(run / "metrics.csv") as f:
             training += sum(float(r["epoch_seconds"]) for r in csv.DictReader(f))
         evaluation += json.loads((run / "evaluation.json").read_text())["evaluation_seconds"]
-    assert spent == pytest.approx({"training": training, "evaluation": evaluation})
-    assert (
-        f"training {training / 60:.1f} min and evaluation {evaluation / 60:.1f} min, summed over the 4 runs"
-        in (tmp_path / "out" / "report.md").read_text()
-    )
+    assert spent == pytest.approx({"training": training, "evaluation": evaluation, "evaluated": 4})
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert f"Time summed over the 4 runs: training passes {training / 60:.1f} min" in text
+    assert f"final evaluation {evaluation / 60:.1f} min;" in text
+    # a record from before evaluations were timed: the figure says how many runs it covers
+    record = json.loads((runs / "mlp-mnist-ar1-s0" / "evaluation.json").read_text())
+    del record["evaluation_seconds"]
+    (runs / "mlp-mnist-ar1-s0" / "evaluation.json").write_text(json.dumps(record))
+    compare(exp, tmp_path / "out")
+    assert "(timed for 3 of the 4 runs)" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_paired_difference_against_a_hand_computed_example():

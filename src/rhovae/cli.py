@@ -201,7 +201,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"rhovae: interrupted; {_saved_epoch(run_dir, cfg.epochs)}", file=sys.stderr)
         return 130
-    if result.history and os.environ.get("RANK", "0") == "0":  # one summary per torchrun job
+    if result.history and result.rank == 0:  # one summary per torchrun job
         last = result.history[-1]
         print(
             f"{run_dir}: epoch {last['epoch']}: test loss {last['test_loss']:.3f} nats/sample "

@@ -102,8 +102,9 @@ def join(device: torch.device) -> tuple[Cluster, torch.device]:
     Under torchrun (``WORLD_SIZE`` > 1) the process group is initialised on first use and kept for the
     life of the process (destroyed at exit): a second run in the same processes reuses it, since
     tearing a group down and building it again through the same rendezvous store races with the other
-    ranks. A process group someone else initialised is used as it is. A CUDA device becomes
-    ``cuda:LOCAL_RANK``. Without either, :data:`SINGLE` and ``device`` unchanged.
+    ranks. A process group someone else initialised is used as it is (import ``torch.distributed.nn``
+    before initialising it, or the group outlives the interpreter: see the comment below). A CUDA
+    device becomes ``cuda:LOCAL_RANK``. Without either, :data:`SINGLE` and ``device`` unchanged.
     """
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()

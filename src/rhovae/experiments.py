@@ -464,7 +464,8 @@ def _collect(exp: Experiment, out: Path) -> list[dict[str, Any]]:
             row.update({k: record[k] for k in METRICS + OPTIONAL_METRICS if k in record})
             row["epoch_seconds"] = sum(float(h["epoch_seconds"]) for h in history) / len(history)
             row["_train_seconds"] = sum(float(h["epoch_seconds"]) for h in history)
-            row["_evaluation_seconds"] = record.get("evaluation_seconds")  # absent in older records
+            evaluation_seconds = record.get("evaluation_seconds")  # absent in older records
+            row["_evaluation_seconds"] = None if evaluation_seconds is None else float(evaluation_seconds)
             row["parameters"] = record.get("parameters")
             row["iwae_k"] = record["iwae_k"]
             row["test_images"] = record["test_images"]
@@ -569,13 +570,16 @@ def write_report(exp: Experiment, out: str | Path, wall_seconds: float | None = 
     return out / "report.md"
 
 
-def _compute_seconds(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """Training and evaluation time summed over the reported runs, however many ``compare`` commands
-    (or machines) produced them; evaluation is ``None`` when some record predates its timing."""
-    evaluation = [r["_evaluation_seconds"] for r in rows]
+def _compute_seconds(rows: list[dict[str, Any]]) -> dict[str, float | int]:
+    """Time summed over the reported runs, however many ``compare`` commands (or machines) produced
+    them: ``training``, the training passes of every epoch (metrics.csv's epoch_seconds; the per-epoch
+    validation and test passes are not in it); ``evaluation``, the final evaluation of the
+    ``evaluated`` runs whose record times it (records written before it was timed do not)."""
+    timed = [r["_evaluation_seconds"] for r in rows if r["_evaluation_seconds"] is not None]
     return {
         "training": sum(r["_train_seconds"] for r in rows),
-        "evaluation": None if None in evaluation else sum(evaluation),
+        "evaluation": sum(timed),
+        "evaluated": len(timed),
     }
 
 
@@ -596,14 +600,20 @@ def _markdown(exp: Experiment, report: dict, setup_keys: list[str], legacy: bool
             "",
         ]
     m = report["machine"]
-    wall, compute = report["wall_seconds"], report["compute_seconds"]
-    spent = f"training {compute['training'] / 60:.1f} min"
-    if compute["evaluation"] is not None:
-        spent += f" and evaluation {compute['evaluation'] / 60:.1f} min"
+    wall, compute, n = report["wall_seconds"], report["compute_seconds"], len(report["runs"])
+    evaluated = compute["evaluated"]
+    spent = f"training passes {compute['training'] / 60:.1f} min (per-epoch validation and test not counted)"
+    if evaluated:
+        spent += f", final evaluation {compute['evaluation'] / 60:.1f} min"
+        spent += "" if evaluated == n else f" (timed for {evaluated} of the {n} runs)"
     lines += [
-        f"Machine: {m.get('device', '?')}, {m['cpus']} CPUs, torch {m.get('torch', '?')}, "
-        f"Python {m['python']}. Time: {spent}, summed over the {len(report['runs'])} runs"
-        + (f"; the last `compare` command took {wall / 60:.1f} min" if wall else "")
+        f"Report written on: {m.get('device', '?')}, {m['cpus']} CPUs, torch {m.get('torch', '?')}, "
+        f"Python {m['python']}. Time summed over the {n} runs: {spent}"
+        + (
+            f"; the last `compare` command that trained or evaluated runs took {wall / 60:.1f} min"
+            if wall
+            else ""
+        )
         + ".",
         f"IWAE with k = {exp.iwae_k}"
         + (f" on the first {exp.iwae_limit} test examples" if exp.iwae_limit else " on every test example")

@@ -176,6 +176,7 @@ class TrainResult:
     best_epoch: int
     best_val_loss: float
     stopped_early: bool
+    rank: int = 0  # this process's rank under torchrun: rank 0 writes the run folder
 
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -440,7 +441,9 @@ def _loop(run: Run) -> TrainResult:
             )  # fmt: skip
     if writer is not None:
         writer.close()
-    return TrainResult(run.run_dir, state.history, state.best_epoch, state.best_val, stopped_early)
+    return TrainResult(
+        run.run_dir, state.history, state.best_epoch, state.best_val, stopped_early, cluster.rank
+    )
 
 
 def _tensorboard(run_dir: Path):
