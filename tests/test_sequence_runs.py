@@ -80,6 +80,13 @@ def test_sequence_data_on_a_flat_model_says_which_model_reads_sequences(tmp_path
     assert "--model lstm is the sequence VAE" in caplog.text
 
 
+def test_a_conv_model_refusing_sequence_data_prints_the_refusal_alone(tmp_path, capsys, caplog):
+    argv = train_argv(tmp_path / "r", "--model cnn --epochs 1 --limit 64", data=("--dataset", "nas201"))
+    assert main(argv) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert "sequence VAE" not in caplog.text  # no note about reading sequences flat before the refusal
+
+
 def test_lstm_refuses_image_data(idx_dir, tmp_path, capsys):
     argv = train_argv(
         tmp_path / "r", "--model lstm --epochs 1", data=("--dataset", "mnist", "--data-dir", str(idx_dir))

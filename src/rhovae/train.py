@@ -227,11 +227,6 @@ def train(
                 data.name, data.source, len(data.train), len(data.val), len(data.test),
                 data.data_shape, data.pixels,
             )  # fmt: skip
-            if "vocab" in data.meta and cfg.model in MODELS and not MODELS[cfg.model].likelihood:
-                log.warning(
-                    "note: %s is sequence data; the %s model reads each padded one-hot sequence as one "
-                    "flat vector (--model lstm is the sequence VAE)", data.name, cfg.model,
-                )  # fmt: skip
             if cluster.world > 1:
                 share = cfg.batch_size // cluster.world
                 log.info(
@@ -245,6 +240,11 @@ def train(
         torch.manual_seed(cfg.seed)
         run = make_run(cfg, data, run_dir, encoder, decoder, progress and cluster.main)
         run.cluster = cluster
+        if cluster.main and "vocab" in data.meta and cfg.model in MODELS and not MODELS[cfg.model].likelihood:
+            log.warning(  # after the model was built: a model that refuses the data says so instead
+                "note: %s is sequence data; the %s model reads each padded one-hot sequence as one "
+                "flat vector (--model lstm is the sequence VAE)", data.name, cfg.model,
+            )  # fmt: skip
         if cluster.rank:
             torch.manual_seed(distributed.rank_seed(cfg.seed, cluster.rank))
         if ckpt is not None:
