@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from rhovae.config import RunConfig, from_dict, load_config
+from rhovae.config import RunConfig, from_dict, load_config, not_own_likelihood
 from rhovae.errors import RhovaeError
 from rhovae.experiments import PRESETS
 from rhovae.model import MODELS
@@ -179,9 +179,7 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
     resolved = from_dict(overrides, base=cfg, where="command line").validate()
     own = MODELS[resolved.model].likelihood if resolved.model in MODELS else ""
     if own and args.likelihood not in (None, own):  # validate() lets the default through, not the flag
-        raise RhovaeError(
-            f"the {resolved.model} model's decoder is its own likelihood; drop --likelihood {args.likelihood}"
-        )
+        raise not_own_likelihood(resolved.model, args.likelihood)
     return resolved
 
 

@@ -261,10 +261,7 @@ class RunConfig(ModelConfig):
         own = MODELS[self.model].likelihood if self.model in MODELS else ""
         if own:  # the decoder is the likelihood: record it, and refuse settings that would not apply
             if self.likelihood not in ("bernoulli", own):  # bernoulli: the flag's default
-                raise RhovaeError(
-                    f"the {self.model} model's decoder is its own likelihood; "
-                    f"drop --likelihood {self.likelihood}"
-                )
+                raise not_own_likelihood(self.model, self.likelihood)
             if self.pixels != "continuous":
                 raise RhovaeError(
                     f"the {self.model} model takes its data as it is; drop --pixels {self.pixels}"
@@ -318,6 +315,11 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     shown = " ".join(repr(value).split())  # one line, whatever the value
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     raise RhovaeError(f"config key {name!r} must be a {kind.__name__}, got {shown}")
+
+
+def not_own_likelihood(model: str, likelihood: str) -> RhovaeError:
+    """The refusal of a likelihood setting for a model whose decoder is its own likelihood."""
+    return RhovaeError(f"the {model} model's decoder is its own likelihood; drop --likelihood {likelihood}")
 
 
 def from_dict(values: dict[str, Any], base: RunConfig | None = None, where: str = "config") -> RunConfig:
