@@ -200,9 +200,9 @@ def test_sigkill_at_seeded_points_of_train_then_resume_gives_the_uninterrupted_r
 
 
 def test_sigint_in_epoch_1_and_in_epoch_2_says_what_exists(data, reference, tmp_path, rhovae_process):
-    # 5 training steps per epoch: step 3 is in epoch 1, step 7 in epoch 2; rename 3 is epoch 1's last.pt
-    # (best.pt is written, last.pt is not: still no epoch has finished)
-    cases = {"epoch1": (3, "step"), "epoch2": (7, "step"), "saving1": (3, "before")}
+    # 5 training steps per epoch: step 3 is in epoch 1, step 7 in epoch 2; rename 2 is epoch 1's last.pt
+    # (an epoch's unit is saved last.pt first: before it lands, still no epoch has finished)
+    cases = {"epoch1": (3, "step"), "epoch2": (7, "step"), "saving1": (2, "before")}
     procs = {
         name: rhovae_process(tiny(data, tmp_path / name, 3, "--no-pictures"), (n, when, signal.SIGINT))
         for name, (n, when) in cases.items()
@@ -223,7 +223,7 @@ def test_sigint_in_epoch_1_and_in_epoch_2_says_what_exists(data, reference, tmp_
             )
         assert not temporaries(run)  # an interrupted write removes its temporary file
     assert not (tmp_path / "epoch1" / "last.pt").exists()
-    assert (tmp_path / "saving1" / "best.pt").exists() and not (tmp_path / "saving1" / "last.pt").exists()
+    assert not (tmp_path / "saving1" / "last.pt").exists() and not (tmp_path / "saving1" / "best.pt").exists()
     assert load_checkpoint(tmp_path / "epoch2" / "last.pt")["epoch"] == 1
     # and the commands the messages suggest finish the runs as if nothing had happened
     assert main(tiny(data, tmp_path / "epoch2", 3, "--no-pictures", "--resume")) == 0
@@ -339,17 +339,20 @@ def test_lock_is_reentrant_for_its_holder_only(tmp_path):
 
 
 def test_a_full_disk_does_not_stop_the_lock(tmp_path, monkeypatch):
-    real_open = builtins.open
-    monkeypatch.setattr(
-        builtins,
-        "open",
-        lambda *a, **kw: (
-            _FullFile(real_open(*a, **kw)) if a[0] == tmp_path / ".lock" else real_open(*a, **kw)
-        ),
-    )
+    real_fdopen, full = os.fdopen, []
+
+    def fdopen(fd, *a, **kw):  # the lock file opens through os.open + os.fdopen (no symlink followed)
+        f = real_fdopen(fd, *a, **kw)
+        if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(tmp_path / ".lock"):
+            full.append(f)
+            return _FullFile(f)
+        return f
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
     monkeypatch.setattr(_FullFile, "fileno", lambda self: self._f.fileno())
     with RunLock(tmp_path):  # the pid it could not write is only for people
         monkeypatch.undo()
+        assert full, "the lock file was not opened through the full disk"
         with pytest.raises(RunInUse), open(tmp_path / ".lock", "a+") as f:
             import fcntl
 
@@ -420,7 +423,8 @@ class WriteFaults:
             if not path.startswith(self.root + os.sep):
                 return False
             name = Path(path).name
-            self.sites.append(name[1:].rsplit(".", 2)[0] if _TEMPORARY.match(name) else name)
+            temporary = _TEMPORARY.match(name)
+            self.sites.append(temporary["target"] if temporary else name)
             return len(self.sites) == self.fail_at
 
         def erofs(path):
@@ -444,6 +448,8 @@ class WriteFaults:
 
         def fake_fdopen(fd, mode="r", *args, **kwargs):
             f = real_fdopen(fd, mode, *args, **kwargs)
+            if Path(os.path.realpath(f"/proc/self/fd/{fd}")).name == ".lock":
+                return f  # as in fake_open: flock needs its descriptor
             if self.kind == "ENOSPC" and any(c in mode for c in "wax+") and site(f"/proc/self/fd/{fd}"):
                 return _FullFile(f)
             return f

@@ -52,6 +52,7 @@ def fit(
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = False,
+    overwrite: bool = False,
     **settings: Any,
 ) -> Fitted:
     """Train a VAE and return ``(model, run_dir)``.
@@ -63,11 +64,17 @@ def fit(
             a validation split is held out as for files), a dict of such arrays with keys ``train`` and
             optionally ``val``, ``test`` and ``*_labels``, or a ``torch.utils.data.Dataset`` whose items
             are tensors or ``(tensor, label)`` pairs. None: the dataset the config names.
-        encoder, decoder: your own networks (both or neither): any ``nn.Module``s mapping
-            ``x (B, *data_shape) -> (B, F)`` features, and ``z (N, d) ->`` the likelihood's parameters
+        encoder: your own encoder network (give ``decoder`` too, or neither): any ``nn.Module``
+            mapping ``x (B, *data_shape) -> (B, F)`` features. No subclassing; the run records
+            ``model = "custom"``.
+        decoder: your own decoder network: ``z (N, d) ->`` the likelihood's parameters
             ``(N, *data_shape)`` (Bernoulli logits, Gaussian means, ...) or a Distribution over x.
-            No subclassing; the run records ``model = "custom"``.
-        run_dir: the run folder (default ``runs/fit-POSTERIOR-dD-sSEED``); ``resume`` continues it.
+        run_dir: the run folder (default ``runs/fit-POSTERIOR-dD-sSEED``).
+        resume: continue the run in ``run_dir`` from its ``last.pt``, on the same data (checkpoints
+            record the training split's fingerprint).
+        progress: show a progress bar per epoch.
+        overwrite: replace the run ``run_dir`` holds (rhovae's files only).
+        **settings: run settings named like :class:`RunConfig`'s fields.
 
     Example::
 
@@ -96,7 +103,12 @@ def fit(
     prepared = None
     if given:
         prepared = prepare_data(cfg, pick_device(cfg.device), raw=raw_from_python(data))
-    train(cfg, run_dir, resume=resume, progress=progress, data=prepared, encoder=encoder, decoder=decoder)
+    if resume and overwrite:
+        raise RhovaeError("resume continues a run and overwrite replaces it; give one of them")
+    train(
+        cfg, run_dir, resume=resume, progress=progress, data=prepared, encoder=encoder, decoder=decoder,
+        overwrite=overwrite,
+    )  # fmt: skip
     model, _, _ = load_run(run_dir, "best", cfg.device, encoder=encoder, decoder=decoder)
     return Fitted(model, run_dir)
 

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from rhovae.config import RunConfig, from_dict, load_config, not_own_likelihood
 from rhovae.errors import RhovaeError
@@ -59,12 +60,31 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
 
 
+def _version() -> str:
+    import torch
+
+    import rhovae
+
+    return f"rhovae {rhovae.__version__} (torch {torch.__version__}, Python {sys.version.split()[0]})"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors in the one line every rhovae error takes (not a usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"rhovae: error: {_one_line(message)}; see '{self.prog} --help'\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="rhovae", description="Variational autoencoders with structured posteriors (the exact rho-VAE)."
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--version", action="version", version=_version(), help="print rhovae's and torch's versions and exit"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_OneLineParser)
 
     p = sub.add_parser(
         "train",
@@ -74,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML file with run settings; flags override it")
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/DATASET-MODEL-POSTERIOR-dD-sSEED)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in --run-dir (its checkpoints, metrics, config and pictures) with a new one",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(p)
 
@@ -193,9 +218,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     )
     try:
+        if args.resume and args.overwrite:
+            raise RhovaeError("--resume continues a run and --overwrite replaces it; give one of them")
         result = train(
-            cfg, run_dir, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty()
-        )
+            cfg, run_dir, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty(),
+            overwrite=args.overwrite,
+        )  # fmt: skip
     except KeyboardInterrupt:
         print(f"rhovae: interrupted; {_saved_epoch(run_dir, cfg.epochs)}", file=sys.stderr)
         return 130
@@ -319,15 +347,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for s in samples:
             print(to_text(s, vocab))
         return 0
+    images = is_image_shape(tuple(ckpt["data_shape"]))
+    out = _output_file(args.out, args.run, "samples.png" if images else "samples.pt")
     samples = model.sample(args.n, seed=args.seed)
-    if not is_image_shape(tuple(ckpt["data_shape"])):
-        out = args.out or args.run / "samples.pt"
+    if not images:
         from rhovae.runs import save_atomic
 
         save_atomic(samples.cpu(), out)
         print(out)
         return 0
-    out = args.out or args.run / "samples.png"
     save_image_grid(samples, out)
     print(out)
     return 0
@@ -344,12 +372,31 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     model, cfg, ckpt = load_run(args.run, args.checkpoint, args.device)
     if not is_image_shape(tuple(ckpt["data_shape"])):
         raise RhovaeError(f"{args.run}: reconstructions are pictures; this run's data is not images")
+    out = _output_file(args.out, args.run, "reconstructions.png")
     x = _test_split(cfg, model.device, args.n)
     pairs = torch.stack([x, model.reconstruct(x)], dim=1).flatten(0, 1)
-    out = args.out or args.run / "reconstructions.png"
     save_image_grid(pairs, out, nrow=16)
     print(out)
     return 0
+
+
+# what a run folder's own records are: an --out never replaces one of them
+RUN_RECORDS = frozenset({"config.toml", "metrics.csv", "last.pt", "best.pt", "evaluation.json", ".lock"})
+
+
+def _output_file(out: Path | None, run: Path, default: str) -> Path:
+    """Where ``sample``/``reconstruct`` write: ``RUN/default`` unless ``--out`` says, which must be a
+    file of the default's kind (suffix) and never one of a run's own records, nor a folder."""
+    if out is None:
+        return run / default
+    suffix = Path(default).suffix
+    if out.is_dir():
+        raise RhovaeError(f"--out {out} is a folder; give a file name ending in {suffix}")
+    if out.suffix.lower() != suffix:
+        raise RhovaeError(f"--out {out}: this run writes {suffix} files; give a name ending in {suffix}")
+    if out.name in RUN_RECORDS:
+        raise RhovaeError(f"--out {out} is a run's own record; choose another file name")
+    return out
 
 
 def cmd_explore(args: argparse.Namespace) -> int:
@@ -414,9 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     except RhovaeError as e:
         print(f"rhovae: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader went away (``rhovae evaluate RUN | head``): stop quietly
+    except BrokenPipeError:  # the reader went away (``rhovae evaluate RUN | head``): stop quietly; the
+        # work is done and saved (what it printed is only a summary), so this is no failure
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 1
+        return 0
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         print(f"rhovae: error: {_one_line(f'{where}{e.strerror or e}')}", file=sys.stderr)

@@ -15,6 +15,7 @@ from typing import Any
 
 from rhovae.data import PIXEL_MODES
 from rhovae.errors import RhovaeError
+from rhovae.files import require_regular_file
 from rhovae.legacy import LEGACY_POSTERIORS
 from rhovae.model import MODELS, ModelConfig, _help
 
@@ -23,7 +24,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["PRECISIONS", "PYTHON_DATA", "RESUMABLE_FIELDS", "RunConfig", "load_config", "to_toml"]
+__all__ = [
+    "PRECISIONS",
+    "PYTHON_DATA",
+    "RESUMABLE_FIELDS",
+    "SIZE_LIMITS",
+    "RunConfig",
+    "load_config",
+    "to_toml",
+    "toml_string",
+]
 
 #: the dataset name of runs trained on data handed to ``rhovae.fit``
 PYTHON_DATA = "python"
@@ -193,6 +203,9 @@ class RunConfig(ModelConfig):
                      "latent_groups", "group_hidden"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise RhovaeError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        for name, most in SIZE_LIMITS.items():
+            if getattr(self, name) > most:
+                raise RhovaeError(f"{_flag(name)} must be at most {most:,}, got {getattr(self, name):,}")
         for name in ("limit", "early_stopping", "lr_patience", "kl_warmup", "free_bits_groups", "val_size",
                      "image_size", "seed"):  # fmt: skip
             if getattr(self, name) < 0:
@@ -286,12 +299,34 @@ class RunConfig(ModelConfig):
         return self
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting as a plain ``{name: value}`` dict (what checkpoints and config.toml hold)."""
         return dataclasses.asdict(self)
 
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
+
+#: the largest value of each size setting: far beyond any model this library trains, small enough that
+#: arithmetic on them (layer sizes, counts of steps) cannot overflow or ask for absurd memory before a
+#: clear error (docs/reliability.md)
+SIZE_LIMITS = {
+    "latent_dim": 2**16,
+    "hidden": 2**16,
+    "group_hidden": 2**16,
+    "flow_steps": 1024,
+    "latent_groups": 2**16,
+    "epochs": 10**6,
+    "batch_size": 2**24,
+    "limit": 2**40,
+    "val_size": 2**40,
+    "image_size": 2**14,
+    "in_memory_limit_mb": 2**30,
+    "early_stopping": 10**6,
+    "lr_patience": 10**6,
+    "kl_warmup": 2**40,
+    "free_bits_groups": 2**16,
+}
 
 # Fields a resumed run may change without becoming a different run.
 # (precision and compile choose how the same model computes, as the device does)
@@ -326,11 +361,14 @@ def from_dict(values: dict[str, Any], base: RunConfig | None = None, where: str 
     """A :class:`RunConfig` from ``values`` over ``base``; unknown keys and wrong types are errors."""
     base = base or RunConfig()
     known = {f.name: f for f in fields(RunConfig)}
-    out = {}
+    out, spelled = {}, {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in known:
             raise RhovaeError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        if name in spelled:
+            raise RhovaeError(f"{where}: {spelled[name]!r} and {key!r} name one setting; keep one of them")
+        spelled[name] = key
         out[name] = _coerce(key, value, getattr(RunConfig(), name))
     cfg = dataclasses.replace(base, **out)
     own = MODELS[cfg.model].likelihood if cfg.model in MODELS else ""
@@ -340,9 +378,13 @@ def from_dict(values: dict[str, Any], base: RunConfig | None = None, where: str 
 
 
 def load_config(path: str | Path) -> RunConfig:
+    """A :class:`RunConfig` from a TOML file (keys spelled with ``-`` or ``_``; unknown keys, wrong
+    types, a key given twice and files that are not regular files are one-line errors)."""
     path = Path(path)
     try:
-        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        require_regular_file(path, "a TOML config")
+        # utf-8-sig: a byte-order mark (as some Windows editors write) is not part of the text
+        values = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise RhovaeError(f"{path}: config file not found") from None
     except IsADirectoryError:
@@ -358,16 +400,38 @@ def load_config(path: str | Path) -> RunConfig:
     return from_dict(values, where=str(path))
 
 
-def _toml_value(value: Any) -> str:
+# TOML basic strings: these characters have short escapes; every other control character is \\uXXXX
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(text: str, what: str = "a value") -> str:
+    """``text`` as a TOML basic string that reads back as exactly ``text`` (control characters such as
+    a newline in a file name escaped). A lone surrogate (an undecodable file name) cannot be written
+    as UTF-8 text: it is refused in one line."""
+    out = []
+    for c in text:
+        if c in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[c])
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        elif 0xD800 <= ord(c) <= 0xDFFF:
+            raise RhovaeError(
+                f"{what} {text!r:.60} holds bytes that are not UTF-8 text; rename the file or folder"
+            )
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(value: Any, name: str = "") -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    return toml_string(str(value), _flag(name) or "a value")
 
 
 def to_toml(cfg: RunConfig) -> str:
     lines = ["# rhovae run configuration (resolved)"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in cfg.to_dict().items()]
+    lines += [f"{k} = {_toml_value(v, k)}" for k, v in cfg.to_dict().items()]
     return "\n".join(lines) + "\n"

@@ -6,7 +6,6 @@ statistics leak into the numbers.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from rhovae.data import Data, batches
 from rhovae.errors import RhovaeError
+from rhovae.files import strict_json
 from rhovae.hierarchy import active_units_per_group
 from rhovae.model import VAE
 from rhovae.objectives import Objective
@@ -195,5 +195,5 @@ def sequence_evaluation(model: VAE, x, data, seed: int = 0, n_samples: int = 100
 def write_evaluation(run_dir, record: dict[str, Any]) -> Path:
     """Write ``record`` as ``RUN/evaluation.json`` atomically; returns the path."""
     path = Path(run_dir) / "evaluation.json"
-    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(path, strict_json(record, indent=2) + "\n")
     return path

@@ -24,9 +24,11 @@ folders, so it can be rebuilt at any time.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
+import hashlib
 import io
 import itertools
 import json
@@ -34,6 +36,8 @@ import logging
 import math
 import os
 import platform
+import re
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,6 +48,7 @@ from typing import Any
 
 from rhovae.config import RunConfig, from_dict, tomllib
 from rhovae.errors import RhovaeError
+from rhovae.files import require_regular_file, strict_json
 from rhovae.runs import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -132,7 +137,21 @@ def _run_id(keys: list[str], values: tuple, cfg: RunConfig) -> str:
         parts.append(
             f"s{v}" if k == "seed" else (str(v) if k in ("model", "dataset", "posterior") else f"{k}{v}")
         )
-    return "-".join(parts).replace("+", "_").replace("/", "_").replace(":", "_")
+    return file_label("-".join(parts))
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=,-]")
+
+
+def file_label(text: str, most: int = 120) -> str:
+    """``text`` as a safe part of a file name: every character but letters, digits and ``._=,-`` becomes
+    ``_`` (a grid value may be a path, hold slashes or spaces), never ``.`` or ``..`` alone, and a long
+    one is cut and given a short hash of the whole, so two values never share a name."""
+    safe = _UNSAFE.sub("_", text).lstrip(".") or "_"
+    if len(safe) > most:
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        safe = f"{safe[: most - 11]}-{digest}"
+    return safe
 
 
 @functools.lru_cache(maxsize=4)
@@ -154,6 +173,10 @@ def _auto_dataset(settings: dict[str, Any]) -> dict[str, Any]:
     return {"dataset": "mnist-5k", "val_size": min(int(settings.get("val_size", 500)), 500)}
 
 
+#: the most runs one experiment's grid may span (a grid is expanded, validated and listed in memory
+#: before its first run starts; 10,000 runs are weeks of a GPU's time)
+MAX_GRID_POINTS = 10_000
+
 _SECTIONS = {"name", "description", "grid", "run", "evaluate", "options"}
 _SCALAR_TYPES = (str, int, float, bool)
 
@@ -168,7 +191,8 @@ def load_experiment(source: str | Path) -> Experiment:
     else:
         path = Path(source)
         try:
-            text = path.read_text(encoding="utf-8")
+            require_regular_file(path, "an experiment TOML file")
+            text = path.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
             raise RhovaeError(f"{path}: no such experiment file (presets: {', '.join(PRESETS)})") from None
         except IsADirectoryError:
@@ -211,6 +235,12 @@ def load_experiment(source: str | Path) -> Experiment:
     grid = _table(raw, "grid", where)
     if not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise RhovaeError(f"{where}: [grid] must map run settings to non-empty lists")
+    points = math.prod(len(v) for v in grid.values())  # counted before anything is expanded
+    if points > MAX_GRID_POINTS:
+        raise RhovaeError(
+            f"{where}: [grid] spans {points:,} runs, more than the {MAX_GRID_POINTS:,} one experiment may "
+            "hold; split it into several experiments"
+        )
     for key, values in grid.items():
         for value in values:
             if not isinstance(value, _SCALAR_TYPES) or (isinstance(value, str) and not value.isprintable()):
@@ -264,6 +294,7 @@ def _evaluation(run_dir: Path) -> dict[str, Any] | None:
     """The run's ``evaluation.json``; None when there is none. A damaged one is a RhovaeError."""
     path = run_dir / "evaluation.json"
     try:
+        require_regular_file(path, "an evaluation record")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
@@ -354,6 +385,20 @@ def run_one(run_id: str, cfg_dict: dict, run_dir: str, iwae_k: int, iwae_limit: 
     return "resumed" if resume else "trained"
 
 
+def die_with_parent(parent: int) -> None:
+    """Make this worker process end when ``parent`` does, however it ends (SIGKILL included): Linux
+    sends it SIGKILL then (``PR_SET_PDEATHSIG``). A worker that outlived ``compare`` would hold its
+    runs' locks and memory for ever. Elsewhere, and should the parent be gone already, it exits."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request above took effect
+        os._exit(1)
+
+
 def compare(
     exp: Experiment,
     out_dir: str | Path,
@@ -378,7 +423,7 @@ def compare(
             raise RhovaeError("--jobs and --ray exclude each other: Ray places the runs by their resources")
     runs = exp.configs()
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "experiment.json", json.dumps(dataclasses.asdict(exp), indent=2) + "\n")
+    write_text_atomic(out / "experiment.json", strict_json(dataclasses.asdict(exp), indent=2) + "\n")
     start = time.perf_counter()
     jobs = max(1, min(jobs, len(runs)))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
@@ -403,7 +448,10 @@ def compare(
     else:
         import multiprocessing
 
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:  # fmt: skip
             futures = {pool.submit(run_one, *t): t[0] for t in tasks}
             for i, (future, rid) in enumerate(futures.items(), 1):
                 log.info("[%d/%d] %s: %s", i, len(tasks), rid, future.result())
@@ -493,6 +541,7 @@ def write_report(exp: Experiment, out: str | Path, wall_seconds: float | None = 
         raise RhovaeError(f"{out}: no finished runs to report")
     if wall_seconds is None:  # --report-only keeps the wall time of the compare that trained the runs
         try:
+            require_regular_file(out / "report.json", "a report")
             wall_seconds = json.loads((out / "report.json").read_text()).get("wall_seconds")
         except (OSError, ValueError, AttributeError):
             wall_seconds = None
@@ -559,7 +608,7 @@ def write_report(exp: Experiment, out: str | Path, wall_seconds: float | None = 
         if legacy
         else "",
     }
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
+    write_text_atomic(out / "report.json", strict_json(report, indent=2, default=float) + "\n")
     buf = io.StringIO()
     fields = list(clean[0])
     writer = csv.DictWriter(buf, fieldnames=fields)
@@ -676,7 +725,7 @@ def _pictures(exp, out: Path, rows, setup_keys, setups, posteriors) -> list[dict
 
     pictures = []
     for setup in setups:
-        label = "-".join(str(v) for v in setup) or "all"
+        label = file_label("-".join(str(v) for v in setup)) if setup else "all"
         title = ", ".join(f"{k} {v}" for k, v in zip(setup_keys, setup, strict=True)) or exp.name
         in_setup = [r for r in rows if tuple(r[k] for k in setup_keys) == setup]
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -735,12 +784,24 @@ def _pictures(exp, out: Path, rows, setup_keys, setups, posteriors) -> list[dict
     return pictures
 
 
+def _nan_for_null(obj: Any) -> Any:
+    """A report read back: the figures strict JSON wrote as null (an sd of one seed) are NaN again."""
+    if obj is None:
+        return math.nan
+    if isinstance(obj, dict):
+        return {k: _nan_for_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_for_null(v) for v in obj]
+    return obj
+
+
 def print_summary(report_path: Path, stream=sys.stdout) -> None:
     """A short table for the terminal: each setup's posteriors with test −ELBO and IWAE NLL, and how
     many of the grid's runs the report holds."""
     path = report_path.parent / "report.json"
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        require_regular_file(path, "a report")
+        report = _nan_for_null(json.loads(path.read_text(encoding="utf-8")))
         summary, paired = report["summary"], report["paired"]
         runs = len(report["runs"])
         grid = report["experiment"]["grid"]

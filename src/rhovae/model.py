@@ -14,6 +14,7 @@ float tensors ``(B, *data_shape)`` always.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,10 +103,12 @@ class VAE(nn.Module):
 
     @property
     def latent_dim(self) -> int:
+        """The latent dimension d."""
         return self.head.latent_dim
 
     @property
     def device(self) -> torch.device:
+        """The device the model's parameters are on."""
         return next(self.parameters()).device
 
     # --- inputs ---------------------------------------------------------------------------------------
@@ -198,6 +201,13 @@ class VAE(nn.Module):
 
         With ``seed`` the draw is reproducible and leaves the global random state untouched.
         """
+        try:
+            count = operator.index(n) if not isinstance(n, bool) else 0
+        except TypeError:
+            count = 0
+        if count < 1:
+            raise RhovaeError(f"sample(n): n must be a positive whole number, got {n!r:.40}")
+        n = count
         p = self.prior()
         if seed is None:
             return self.decode(p.sample((n,))).mean

@@ -58,13 +58,11 @@ def image_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndar
 def _atomic_png(path: Path, writer) -> None:
     """``writer(tmp_path)`` into a unique temporary file beside ``path``, then rename: a picture is
     whole or absent; on any failure the temporary file is removed and the error is one line."""
-    import tempfile
-
-    from rhovae.runs import _file_mode, _write_failed
+    from rhovae.runs import _file_mode, _write_failed, temporary_beside
 
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+        fd, tmp = temporary_beside(path, suffix=path.suffix or ".tmp")
         os.close(fd)
     except OSError as e:
         raise _write_failed(path, e) from None

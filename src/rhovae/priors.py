@@ -104,6 +104,7 @@ class MADENormal(Distribution):
 
     @property
     def latent_dim(self) -> int:
+        """The latent dimension d."""
         return self._event_shape[0]
 
     def log_prob(self, value: Tensor) -> Tensor:
@@ -176,6 +177,8 @@ PRIORS = {"standard": StandardNormalPrior, "ar1": AR1Prior, "made": MADEPrior}
 
 
 def make_prior(name: str, latent_dim: int) -> nn.Module:
+    """The prior module ``name`` over ``latent_dim`` dimensions; called, it returns p(z) as a
+    Distribution (N(0, I), or a learned one whose parameters train with the model)."""
     if name not in PRIORS:
         raise RhovaeError(f"unknown prior {name!r}; choose one of: {', '.join(sorted(PRIORS))}")
     return PRIORS[name](latent_dim)

@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import re
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ import rhovae
 from rhovae.config import PYTHON_DATA, RESUMABLE_FIELDS, RunConfig, from_dict, load_config
 from rhovae.data import Data, Preprocessing, RawSplits, load_data
 from rhovae.errors import RhovaeError
+from rhovae.files import is_regular_file, require_regular_file  # noqa: F401 - re-exported
 from rhovae.likelihoods import LIKELIHOODS
 from rhovae.model import MODELS, VAE, build_model
 
@@ -39,6 +41,8 @@ __all__ = [
     "RunInUse",
     "RunLock",
     "check_run_dir",
+    "data_fingerprint",
+    "remove_run_files",
     "load_checkpoint",
     "load_run",
     "pick_device",
@@ -137,9 +141,17 @@ class _Recording:
         return getattr(self._f, name)
 
 
-# what mkstemp names the temporary files of _atomic (".NAME.XXXXXXXX.tmp") and of the pictures
-# (".NAME.XXXXXXXX.png"): anything matching in a locked run folder was left by a killed writer
-_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|png)$")
+# every temporary file rhovae writes beside its target is named ".rhovae-tmp.NAME.XXXXXXXX[.SUFFIX]"
+# (XXXXXXXX: mkstemp's random part): a name only rhovae makes, so the sweep of a locked run folder
+# (files a killed writer left) can never match a user's own file
+TEMPORARY_PREFIX = ".rhovae-tmp."
+_TEMPORARY = re.compile(r"^\.rhovae-tmp\.(?P<target>.+)\.[a-z0-9_]{8}(\.[A-Za-z0-9]{1,8})?$")
+
+
+def temporary_beside(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """A new, uniquely named temporary file beside ``path`` (``mkstemp``'s ``(fd, name)``), named so
+    that :func:`_remove_temporaries` recognises it; OSError as ``mkstemp`` raises it."""
+    return tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{path.name}.", suffix=suffix, dir=path.parent)
 
 
 def _atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
@@ -151,7 +163,7 @@ def _atomic(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temporary_beside(path)
     except OSError as e:
         raise _write_failed(path, e) from None
     f = None
@@ -226,10 +238,7 @@ class RunLock:
                     raise RunInUse(f"{self.path.parent} is in use by another thread of this process")
                 _HELD[self._key] = (owner, depth + 1, file)
                 return self
-            try:
-                file = open(self.path, "a+")  # noqa: SIM115 - held for the lock's lifetime
-            except OSError as e:
-                raise _write_failed(self.path, e) from None
+            file = _open_lock_file(self.path)
             try:
                 fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -250,7 +259,8 @@ class RunLock:
                 file.flush()
             _HELD[self._key] = (_holder(), 1, file)
         self._file = file
-        _remove_temporaries(self.path.parent)
+        if is_rhovae_folder(self.path.parent):  # never touch a folder that is not a run
+            _remove_temporaries(self.path.parent)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -265,6 +275,37 @@ class RunLock:
             del _HELD[self._key]
             file.close()  # closing releases the flock
             self._file = None
+
+
+def _open_lock_file(path: Path):
+    """Open (or create) the lock file itself: never through a symlink (an unpacked or shared run folder
+    may hold one pointing anywhere; following it would truncate its target), and only a regular file
+    (O_NONBLOCK: a FIFO planted there cannot block the open)."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), _file_mode())
+    except OSError as e:
+        if e.errno == errno.ELOOP or path.is_symlink():
+            raise RhovaeError(
+                f"{path} is a symbolic link; rhovae locks only its own file: remove the link and retry"
+            ) from None
+        raise _write_failed(path, e) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RhovaeError(f"{path} is not a regular file; remove it and retry (rhovae recreates it)")
+    with contextlib.suppress(OSError):
+        os.set_blocking(fd, True)
+    return os.fdopen(fd, "r+")
+
+
+def is_rhovae_folder(folder: Path) -> bool:
+    """Whether ``folder`` is rhovae's: it holds a ``config.toml``, or nothing but a lock file and
+    rhovae's own temporary files (a run killed before its first write landed)."""
+    try:
+        names = [p.name for p in Path(folder).iterdir()]
+    except OSError:
+        return False
+    return "config.toml" in names or all(n == ".lock" or _TEMPORARY.match(n) for n in names)
 
 
 def _holder() -> tuple[int, int]:
@@ -287,6 +328,10 @@ def _remove_temporaries(run_dir: Path) -> None:
 def load_checkpoint(path: Path, resume: bool = False) -> dict[str, Any]:
     """A rhovae checkpoint's contents, validated; any problem is one RhovaeError naming the file."""
     path = Path(path)
+    try:
+        require_regular_file(path, "a checkpoint")
+    except (FileNotFoundError, IsADirectoryError):
+        pass  # said below, as torch.load meets them
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -346,43 +391,92 @@ _ENTRY_CHECKS: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def check_run_dir(run_dir: Path, cfg: RunConfig, resume: bool) -> dict[str, Any] | None:
+# what rhovae writes in a run folder: what --overwrite removes (nothing else is ever touched)
+RUN_FILES = (
+    "config.toml", "metrics.csv", "last.pt", "best.pt", "evaluation.json", "samples.png",
+    "reconstructions.png", "loss_curves.png", "samples.txt", "reconstructions.txt", "samples.pt",
+)  # fmt: skip
+RUN_FOLDERS = ("tensorboard", "explore")
+
+
+def check_run_dir(
+    run_dir: Path, cfg: RunConfig, resume: bool, overwrite: bool = False
+) -> dict[str, Any] | None:
     """Refuse to mix runs; return the checkpoint to resume from, if any.
 
     A folder holding only a ``config.toml`` of a run that never finished an epoch (killed or failed in
     its first epoch) is a fresh start: with the same settings it is retried, with other settings it is
-    replaced, since there is nothing to lose.
+    replaced, since there is nothing to lose. A folder holding a ``best.pt`` or a ``last.pt`` is a run:
+    it is continued (``resume``) or replaced (``overwrite``, which removes rhovae's files and nothing
+    else), never silently written over. A folder that is not rhovae's is never touched.
     """
     config_file = run_dir / "config.toml"
     last = run_dir / "last.pt"
+    if run_dir.is_file():
+        raise RhovaeError(f"{run_dir}: is a file; choose a folder for --run-dir")
+    if run_dir.exists() and not is_rhovae_folder(run_dir):
+        raise RhovaeError(f"{run_dir}: folder is not empty and holds no rhovae run; choose another --run-dir")
     if not config_file.exists():
         if resume:
             raise RhovaeError(
                 f"{run_dir}: nothing to resume (no config.toml); drop --resume to start a new run"
             )
-        if run_dir.is_file():
-            raise RhovaeError(f"{run_dir}: is a file; choose a folder for --run-dir")
-        if run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()):
-            raise RhovaeError(
-                f"{run_dir}: folder is not empty and holds no rhovae run; choose another --run-dir"
-            )
+        return None
+    if overwrite:
+        remove_run_files(run_dir)
         return None
     if not last.exists():
+        if (run_dir / "best.pt").exists():  # rhovae writes last.pt first: this run's last.pt was removed
+            raise RhovaeError(
+                f"{run_dir} holds a trained run (best.pt) without its last.pt, so it cannot be resumed; "
+                "pass --overwrite to replace it, or choose another --run-dir"
+            )
         return None  # no finished epoch: nothing to resume and nothing to lose
     saved = load_config(config_file)
     new, old = cfg.to_dict(), saved.to_dict()
     differ = [k for k, v in new.items() if k not in RESUMABLE_FIELDS and old.get(k) != v]
     if differ:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differ)
-        raise RhovaeError(f"{run_dir} holds a different run ({details}); choose another --run-dir")
+        raise RhovaeError(
+            f"{run_dir} holds a different run ({details}); choose another --run-dir (or --overwrite it)"
+        )
     if not resume:
         raise RhovaeError(
-            f"{run_dir} already holds this run; pass --resume to continue it, or another --run-dir"
+            f"{run_dir} already holds this run; pass --resume to continue it, --overwrite to replace it, "
+            "or another --run-dir"
         )
     ckpt = load_checkpoint(last, resume=True)
     if from_dict(ckpt["config"]).to_dict() | {k: new[k] for k in RESUMABLE_FIELDS} != new:
         raise RhovaeError(f"{last} belongs to another run than {config_file}; start a new --run-dir")
     return ckpt
+
+
+def remove_run_files(run_dir: Path) -> None:
+    """Remove what rhovae wrote in ``run_dir`` (:data:`RUN_FILES`, :data:`RUN_FOLDERS`), nothing else."""
+    import shutil
+
+    for name in RUN_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / name).unlink()
+    for name in RUN_FOLDERS:
+        folder = run_dir / name
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
+    log.info("%s: the previous run's files were removed (--overwrite)", run_dir)
+
+
+def data_fingerprint(split: Any, rows: int = 256) -> str:
+    """A fingerprint of a training split: its shape and a hash of up to ``rows`` evenly spaced examples
+    (cheap for any size, memory-mapped included). ``last.pt`` records it, so a run is never resumed on
+    other data than it was trained on."""
+    import hashlib
+
+    n = len(split)
+    picks = sorted({round(i * (n - 1) / max(1, rows - 1)) for i in range(min(n, rows))})
+    sample = split[torch.tensor(picks, dtype=torch.long)] if picks else split[:0]
+    h = hashlib.sha256(repr((n, tuple(split.shape[1:]))).encode())
+    h.update(sample.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def prepare_data(cfg: RunConfig, device: torch.device, raw: RawSplits | None = None) -> Data:

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from rhovae import distributed
 from rhovae.config import RunConfig, to_toml
-from rhovae.data import Data
+from rhovae.data import Data, batch_bounds
 from rhovae.distributed import SINGLE, Cluster
 from rhovae.errors import RhovaeError
 from rhovae.evaluate import elbo_terms
@@ -59,7 +59,10 @@ from rhovae.runs import (
     CHECKPOINT_FORMAT,
     RunLock,
     check_run_dir,
+    data_fingerprint,
     eval_mode,
+    is_rhovae_folder,
+    load_checkpoint,
     pick_device,
     prepare_data,
     progress_bar,
@@ -150,6 +153,7 @@ class Run:
     progress: bool = False
     cluster: Cluster = SINGLE  # the processes training this run together (DDP under torchrun)
     step_model: nn.Module | None = None  # what a step calls: the DDP wrapper, or None (the model)
+    fingerprint: str = ""  # of the training split (runs.data_fingerprint), recorded in checkpoints
 
     def rng_state(self) -> dict[str, Tensor]:
         state = {
@@ -195,8 +199,10 @@ def train(
     data: Data | None = None,
     encoder: nn.Module | None = None,
     decoder: nn.Module | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Train ``cfg`` into ``run_dir``; with ``resume``, continue from ``last.pt`` exactly.
+    """Train ``cfg`` into ``run_dir``; with ``resume``, continue from ``last.pt`` exactly; with
+    ``overwrite``, replace the run the folder holds (rhovae's files only).
 
     ``data`` replaces the dataset the config names (already on its device); ``encoder``/``decoder``
     replace the backbone's networks (``cfg.model == "custom"``).
@@ -210,7 +216,7 @@ def train(
                 f"--batch-size {cfg.batch_size} is the global batch and must split evenly over "
                 f"{cluster.world} processes; use a multiple of {cluster.world}"
             )
-        ckpt = cluster.on_main(lambda: _open_run_dir(cfg, run_dir, resume, stack))
+        ckpt = cluster.on_main(lambda: _open_run_dir(cfg, run_dir, resume, stack, overwrite))
         if data is None:
             data = prepare_data(cfg, device)
         elif cluster.world > 1 and isinstance(data.train, Tensor) and data.train.device != device:
@@ -247,8 +253,11 @@ def train(
             )  # fmt: skip
         if cluster.rank:
             torch.manual_seed(distributed.rank_seed(cfg.seed, cluster.rank))
+        run.fingerprint = data_fingerprint(data.train)
         if ckpt is not None:
             _restore(run, ckpt)
+            if cluster.main:
+                _complete_epoch_records(run)
         if cluster.world > 1:
             unused = _unused_parameters(run)
             if unused and cluster.main:
@@ -260,11 +269,16 @@ def train(
             run.step_model = None  # DDP's reducer goes before the process group does (at exit)
 
 
-def _open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, stack: contextlib.ExitStack) -> dict | None:
+def _open_run_dir(
+    cfg: RunConfig, run_dir: Path, resume: bool, stack: contextlib.ExitStack, overwrite: bool = False
+) -> dict | None:
     """Create and lock the run folder (for as long as ``stack`` lives), refuse to mix runs, and return
-    the checkpoint to resume from, if any."""
+    the checkpoint to resume from, if any. A folder that is not rhovae's is refused before anything
+    is written in it (not even the lock)."""
     if run_dir.is_file():
         raise RhovaeError(f"{run_dir}: is a file; choose a folder for --run-dir")
+    if run_dir.is_dir() and not is_rhovae_folder(run_dir):
+        raise RhovaeError(f"{run_dir}: folder is not empty and holds no rhovae run; choose another --run-dir")
     created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +287,7 @@ def _open_run_dir(cfg: RunConfig, run_dir: Path, resume: bool, stack: contextlib
     stack.enter_context(RunLock(run_dir))
     if created:  # runs while the lock is still held: a run that failed before writing anything leaves nothing
         stack.callback(_remove_if_unused, run_dir)
-    ckpt = check_run_dir(run_dir, cfg, resume)
+    ckpt = check_run_dir(run_dir, cfg, resume, overwrite)
     if ckpt is not None and cfg.epochs < ckpt["epoch"]:
         raise RhovaeError(
             f"{run_dir} has already trained {ckpt['epoch']} epochs; --epochs must be at least that"
@@ -372,6 +386,12 @@ def _unused_parameters(run: Run) -> list[str]:
 
 
 def _restore(run: Run, ckpt: dict[str, Any]) -> None:
+    recorded = ckpt.get("data_fingerprint")  # absent in checkpoints of older versions
+    if recorded is not None and run.fingerprint and recorded != run.fingerprint:
+        raise RhovaeError(
+            f"{run.run_dir / 'last.pt'} was trained on other data than this run is given (the training "
+            "split's fingerprint differs); resume with the same data, or start a new --run-dir"
+        )
     try:
         run.model.load_state_dict(ckpt["model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -425,6 +445,7 @@ def _loop(run: Run) -> TrainResult:
                     {f"{split}_{k}": v for k, v in terms.items() if k in ("loss", "recon", "kl", "mmd")}
                 )
         row = cluster.broadcast(row)
+        _check_finite_evaluation(run, epoch, row)
         row["lr"] = run.optimizer.param_groups[0]["lr"]
         run.scheduler.step(row["val_loss"])
         improved = state.record(row)
@@ -444,6 +465,19 @@ def _loop(run: Run) -> TrainResult:
     return TrainResult(
         run.run_dir, state.history, state.best_epoch, state.best_val, stopped_early, cluster.rank
     )
+
+
+def _check_finite_evaluation(run: Run, epoch: int, row: dict[str, float]) -> None:
+    """A validation or test loss that is not finite is a divergence, named as one: it would never
+    improve on the best, so no best.pt would be written and nothing would say why."""
+    for split in ("val", "test"):
+        value = row.get(f"{split}_loss", 0.0)
+        if not math.isfinite(value):
+            what = "validation" if split == "val" else "test"
+            raise TrainingDiverged(
+                f"training diverged at epoch {epoch}: the {what} loss is {value}; {_kept(run)}; "
+                "try a lower --lr"
+            )
 
 
 def _tensorboard(run_dir: Path):
@@ -481,7 +515,8 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
     step_model = run.step_model or model
     model.train()
     n = len(data.train)
-    n_batches = math.ceil(n / cfg.batch_size)
+    bounds = batch_bounds(n, cfg.batch_size)
+    n_batches = len(bounds)
     totals = _Totals()
     bar = progress_bar(n_batches, f"epoch {epoch}/{cfg.epochs}", run.progress)
     start = time.perf_counter()
@@ -499,7 +534,7 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
             loss_value = float(loss.detach())  # one sync per step: also the NaN check
             bad_rank, step_loss = (None if math.isfinite(loss_value) else 0), loss
         else:
-            global_b = min(cfg.batch_size, n - (step - 1) * cfg.batch_size)
+            global_b = bounds[step - 1][1] - bounds[step - 1][0]
             loss_value, bad_rank = _global_loss(cluster, loss, b, global_b)
             # DDP averages gradients over ranks: weighting each rank's mean by its share of the global
             # batch (times the world) makes that average the gradient of the global batch's mean
@@ -564,36 +599,31 @@ def _diverged(
         term = f"the {name} term is not finite"
     else:
         term = "the loss is not finite"
-    last = run.state.epoch
-    kept = f"last good checkpoint {run.run_dir / 'last.pt'} (epoch {last})" if last else "no epoch finished"
     return TrainingDiverged(
-        f"training diverged at epoch {epoch}, step {step}{where}: {term}; {kept}; try a lower --lr"
+        f"training diverged at epoch {epoch}, step {step}{where}: {term}; {_kept(run)}; try a lower --lr"
     )
 
 
+def _kept(run: Run) -> str:
+    """What a diverged run leaves: its last good checkpoint, or nothing."""
+    last = run.state.epoch
+    return f"last good checkpoint {run.run_dir / 'last.pt'} (epoch {last})" if last else "no epoch finished"
+
+
 def _save_epoch(run: Run, improved: bool) -> None:
-    cfg, state, data, cluster = run.cfg, run.state, run.data, run.cluster
+    """Save the epoch as one unit: ``last.pt`` first (it holds everything the epoch's other records
+    are made from), then ``best.pt``, ``metrics.csv`` and the pictures. A process killed between
+    them leaves a ``last.pt`` that ``--resume`` completes the rest from (:func:`_complete_epoch_records`)."""
     rng = run.rng_state()
-    if cluster.world > 1:  # every rank's own sampling noise (the rest of the random state is shared)
+    if run.cluster.world > 1:  # every rank's own sampling noise (the rest of the random state is shared)
         own = {k: v for k, v in rng.items() if k in ("torch", "cuda")}
-        rng["ranks"] = cluster.gather(own)
-    if not cluster.main:
+        rng["ranks"] = run.cluster.gather(own)
+    if not run.cluster.main:
         return
-    common = {
-        "format": CHECKPOINT_FORMAT,
-        "config": cfg.to_dict(),
-        "versions": versions(),
-        "data_shape": list(data.data_shape),
-        "preprocessing": data.preprocessing.to_dict(),
-        "data_meta": data.meta,
-        "epoch": state.epoch,
-        "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
-    }
-    if improved:
-        save_atomic({**common, "val_loss": state.best_val}, run.run_dir / "best.pt")
+    state = run.state
     save_atomic(
         {
-            **common,
+            **_checkpoint_common(run),
             "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(),
             "rng": rng,
@@ -604,6 +634,31 @@ def _save_epoch(run: Run, improved: bool) -> None:
         },
         run.run_dir / "last.pt",
     )
+    _write_epoch_records(run, write_best=improved)
+
+
+def _checkpoint_common(run: Run) -> dict[str, Any]:
+    """What ``best.pt`` and ``last.pt`` both hold: enough to rebuild and use the model."""
+    cfg, data = run.cfg, run.data
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": cfg.to_dict(),
+        "versions": versions(),
+        "data_shape": list(data.data_shape),
+        "preprocessing": data.preprocessing.to_dict(),
+        "data_meta": data.meta,
+        "data_fingerprint": run.fingerprint,
+        "epoch": run.state.epoch,
+        "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+    }
+
+
+def _write_epoch_records(run: Run, write_best: bool) -> None:
+    """The epoch's records besides ``last.pt``, each made from the run's state alone: ``best.pt`` (when
+    this epoch is the best), ``metrics.csv`` and the pictures."""
+    cfg, state, data = run.cfg, run.state, run.data
+    if write_best:
+        save_atomic({**_checkpoint_common(run), "val_loss": state.best_val}, run.run_dir / "best.pt")
     buf = io.StringIO()
     extra = sorted({k for row in state.history for k in row} - set(METRIC_FIELDS))  # e.g. per-group KLs
     label = {"objective": LEGACY_LABEL} if cfg.kl_estimator == "paper-legacy" else {}
@@ -618,3 +673,21 @@ def _save_epoch(run: Run, improved: bool) -> None:
         save_pictures(run.model, data, run.run_dir, seed=cfg.seed)
         title = f"{cfg.model} / {cfg.posterior} on {data.name}, d={cfg.latent_dim}"
         save_loss_curves(state.history, run.run_dir / "loss_curves.png", title=title)
+
+
+def _complete_epoch_records(run: Run) -> None:
+    """On resume, finish the records of the epoch ``last.pt`` holds, in case the process that wrote it
+    was killed before the rest: ``best.pt`` when that epoch was the best and ``best.pt`` is not of it,
+    ``metrics.csv`` (every epoch exactly once) and the pictures. Idempotent; the random state that
+    training continues with is untouched (pictures draw from their own seeded generator)."""
+    state, best = run.state, run.run_dir / "best.pt"
+    stale_best = False
+    if state.best_epoch == state.epoch:
+        try:
+            stale_best = load_checkpoint(best)["epoch"] != state.epoch
+        except RhovaeError:  # missing or damaged: the epoch's best.pt never landed
+            stale_best = True
+    with torch.random.fork_rng(devices=[run.data.device] if run.data.device.type == "cuda" else []):
+        _write_epoch_records(run, write_best=stale_best)
+    if stale_best:
+        log.info("%s: completed epoch %d's best.pt from last.pt", run.run_dir, state.epoch)

@@ -12,7 +12,16 @@ registry), ``preprocessing`` (raw values → model input, serialisable), ``core`
 :class:`Data`, in-memory and memory-mapped splits, batches).
 """
 
-from rhovae.data.core import ArraySplit, Data, Split, auto_size, batches, load_data, raw_from_python
+from rhovae.data.core import (
+    ArraySplit,
+    Data,
+    Split,
+    auto_size,
+    batch_bounds,
+    batches,
+    load_data,
+    raw_from_python,
+)
 from rhovae.data.idx import IDX_FILES, read_idx, write_idx
 from rhovae.data.preprocessing import PIXEL_MODES, Preprocessing
 from rhovae.data.sources import (
@@ -27,6 +36,7 @@ from rhovae.data.sources import (
 
 __all__ = [
     "DATASETS",
+    "batch_bounds",
     "DEBIAN_FASHION_MNIST",
     "IDX_FILES",
     "PIXEL_MODES",

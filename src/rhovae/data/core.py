@@ -9,8 +9,10 @@ same indices they return the same values.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,16 @@ from rhovae.errors import RhovaeError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ArraySplit", "Data", "Split", "auto_size", "batches", "load_data", "shard_bounds"]
+__all__ = [
+    "ArraySplit",
+    "Data",
+    "Split",
+    "auto_size",
+    "batch_bounds",
+    "batches",
+    "load_data",
+    "shard_bounds",
+]
 
 MAX_AUTO_SIZE = 5000
 
@@ -57,6 +68,7 @@ class ArraySplit:
         self.preprocessing = preprocessing
         self.device = torch.device(device)
         self.seed = seed
+        self._reader = _FileRows.of(array)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -84,7 +96,8 @@ class ArraySplit:
             positions = (
                 positions.nonzero()[:, 0] if positions.dtype == torch.bool else positions.long().reshape(-1)
             )
-        raw = torch.from_numpy(np.asarray(self.array[self.rows[positions.numpy()]]))
+        rows = self.rows[positions.numpy()]
+        raw = torch.from_numpy(self._reader.take(rows) if self._reader else _gather(self.array, rows))
         x = self.preprocessing.prepare(raw, self.layout, self.device)
         if self.seed is not None:
             x = fixed_binarisation(x, positions, self.seed)
@@ -101,6 +114,89 @@ class ArraySplit:
 
 
 Split = Tensor | ArraySplit
+
+
+def _gather(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]``; for a memory map that :class:`_FileRows` cannot read (Fortran order, a view),
+    its file's size is checked first, so a file cut short while training is an error, not a SIGBUS."""
+    filename = getattr(array, "filename", None)
+    if isinstance(array, np.memmap) and filename:
+        try:
+            size = os.stat(filename).st_size
+        except OSError as e:
+            raise RhovaeError(f"{filename}: cannot read the memory-mapped data ({e.strerror})") from None
+        if size < array.offset + array.nbytes:
+            raise _truncated(filename, size, array.offset + array.nbytes)
+    return np.asarray(array[rows])
+
+
+def _truncated(path: str, size: int, need: int) -> RhovaeError:
+    return RhovaeError(
+        f"{path} was cut short while rhovae read it ({size} of {need} bytes); restore the file and "
+        "continue with --resume"
+    )
+
+
+class _FileRows:
+    """Rows of a C-ordered memory-mapped array read with ``os.pread`` instead of through the map.
+
+    A map whose file is truncated (by another process, while training) kills the reader with SIGBUS, no
+    message and no chance to clean up; a read of a short file just returns fewer bytes, which becomes a
+    one-line error. Consecutive rows are read in one call."""
+
+    def __init__(self, path: str, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
+        self.row_bytes = dtype.itemsize * math.prod(shape[1:])
+        self._fd: int | None = None
+
+    @classmethod
+    def of(cls, array: np.ndarray) -> _FileRows | None:
+        """A reader for ``array`` when it is a whole C-ordered map of a file (else None)."""
+        import mmap
+
+        if (
+            isinstance(array, np.memmap)
+            and isinstance(array.base, mmap.mmap)
+            and getattr(array, "filename", None)
+            and array.flags.c_contiguous
+            and hasattr(os, "pread")
+        ):
+            return cls(str(array.filename), int(array.offset), array.dtype, tuple(array.shape))
+        return None
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy (e.g. in another process) opens its own file
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        if len(rows) == 0 or self.row_bytes == 0:
+            return out
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise RhovaeError(f"{self.path}: cannot read the data file ({e.strerror})") from None
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        starts = np.flatnonzero(np.diff(rows, prepend=rows[0] - 2) != 1)  # runs of consecutive rows
+        ends = np.append(starts[1:], len(rows))
+        rb = self.row_bytes
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            want, at = (b - a) * rb, self.offset + int(rows[a]) * rb
+            got = os.preadv(self._fd, [view[a * rb : b * rb]], at) if hasattr(os, "preadv") else None
+            if got is None:
+                data = os.pread(self._fd, want, at)
+                view[a * rb : a * rb + len(data)] = data
+                got = len(data)
+            if got != want:
+                size = os.fstat(self._fd).st_size
+                raise _truncated(self.path, size, self.offset + self.shape[0] * rb)
+        return out
 
 
 @dataclass
@@ -167,8 +263,8 @@ class Data:
         order = torch.randperm(len(self.train), generator=shuffle)
         if isinstance(self.train, Tensor):
             order = order.to(self.train.device)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
+        for start, stop in batch_bounds(len(order), batch_size):
+            rows = order[start:stop]
             if world == 1:
                 x = self.train[rows]
                 yield torch.bernoulli(x, generator=pixels) if self.pixels == "dynamic" else x
@@ -181,6 +277,17 @@ class Data:
                 whole[lo:hi] = x
                 x = torch.bernoulli(whole, generator=pixels)[lo:hi]
             yield x
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` of each training batch of an epoch over ``n`` examples: ``batch_size`` each,
+    except that a last batch of one example takes a second one from the batch before it. A batch of
+    one has no batch statistics (BatchNorm) and no unbiased MMD, so no epoch ends on one."""
+    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1 and batch_size > 2:
+        (a, _), (_, e) = bounds[-2], bounds[-1]
+        bounds[-2:] = [(a, e - 2), (e - 2, e)]
+    return bounds
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -341,6 +448,11 @@ def _check_arrays(raw: RawSplits, need_unit: str) -> bool:
         setattr(raw, key, a)
         if len(a) == 0:
             raise RhovaeError(f"{where}: array {key!r} is empty")
+        if 0 in a.shape[1:]:
+            raise RhovaeError(
+                f"{where}: array {key!r} has shape {a.shape}: its items hold no values; give at least one "
+                "feature per example"
+            )
         if key != "train":
             if a.shape[1:] != train.shape[1:]:
                 raise RhovaeError(
@@ -512,7 +624,7 @@ def raw_from_python(data: Any) -> RawSplits:
             item = data[i]
             if isinstance(item, (tuple, list)):
                 xs.append(_as_array(item[0], f"data[{i}][0]"))
-                ys.append(int(item[1]) if len(item) > 1 else -1)
+                ys.append(_label(item[1], i) if len(item) > 1 else -1)
             else:
                 xs.append(_as_array(item, f"data[{i}]"))
         try:
@@ -526,6 +638,17 @@ def raw_from_python(data: Any) -> RawSplits:
         )  # fmt: skip
     raise RhovaeError(
         f"data must be a Tensor, an ndarray, a dict of arrays or a torch Dataset, got {type(data).__name__}"
+    )
+
+
+def _label(value: Any, i: int) -> int:
+    """An item's label as an int (a Python or NumPy integer, or a one-element integer tensor)."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    raise RhovaeError(
+        f"data[{i}][1]: label {value!r:.40} is not an integer; a Dataset's items are x or (x, integer label)"
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import os
 import zlib
 from pathlib import Path
 from typing import BinaryIO
@@ -11,6 +12,7 @@ from typing import BinaryIO
 import numpy as np
 
 from rhovae.errors import RhovaeError
+from rhovae.files import require_regular_file
 
 __all__ = ["IDX_FILES", "find_idx", "read_idx", "write_idx"]
 
@@ -38,14 +40,26 @@ _MAX_IDX_BYTES = 2**48
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (plain or ``.gz``), validating its magic number, dimensions and length.
 
-    Reads no more than the header announces (plus one byte, to notice trailing data), so a damaged
-    header or a decompression bomb cannot make it read without bound. Every problem is one
-    :class:`RhovaeError` naming the file.
+    Memory is bounded by the file's real content, never by what its header claims: a plain file's size
+    is checked against the header before any data is read, and a large ``.gz`` is first decompressed
+    without keeping anything, to count what it really holds. The data is then read once into one
+    buffer of exactly its size. A header that the content does not match, or data larger than this
+    machine's memory, is one :class:`RhovaeError` naming the file, before anything large is allocated.
     """
     path = Path(path)
+    gz = path.suffix == ".gz"
     try:
-        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-            return _read_idx(path, f)
+        require_regular_file(path, "an IDX file")
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            dtype, dims, expected = _read_header(path, f)
+            if gz and expected > _COUNT_FIRST_BYTES:
+                _check_length(path, dims, expected, _count(f, expected + 1))
+                f.seek(0)  # a gzip stream rewinds by decompressing again from the start
+                _read_header(path, f)
+            elif not gz:
+                _check_length(path, dims, expected, os.fstat(f.fileno()).st_size - f.tell())
+            _check_memory(path, dims, expected)
+            return _read_data(path, f, dtype, dims, expected)
     except FileNotFoundError:
         raise RhovaeError(f"{path}: no such IDX file") from None
     except IsADirectoryError:
@@ -56,24 +70,76 @@ def read_idx(path: str | Path) -> np.ndarray:
         ) from None
 
 
+# a .gz whose header claims more than this is decompressed once without keeping anything, to count
+_COUNT_FIRST_BYTES = 2**28
+
+
+def _shown(dims: tuple[int, ...]) -> str:
+    return str(dims) if len(dims) <= 6 else f"({', '.join(map(str, dims[:4]))}, ...; {len(dims)} in all)"
+
+
+def _check_length(path: Path, dims: tuple[int, ...], expected: int, found: int) -> None:
+    if found != expected:
+        what = "truncated" if found < expected else "has trailing bytes"
+        shown = found if found < expected else f"more than {expected}"
+        raise RhovaeError(
+            f"{path}: IDX file {what}: dimensions {_shown(dims)} need {expected} data bytes, found {shown}"
+        )
+
+
+def _check_memory(path: Path, dims: tuple[int, ...], expected: int) -> None:
+    total = _physical_memory()
+    if total and expected > total:
+        raise RhovaeError(
+            f"{path}: IDX dimensions {_shown(dims)} hold {expected / 2**30:.1f} GiB, more than this "
+            f"machine's {total / 2**30:.1f} GiB of memory; store the data as a .npy (memory-mapped) instead"
+        )
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _count(f: BinaryIO, limit: int, chunk: int = 2**24) -> int:
+    """How many bytes ``f`` still holds, up to ``limit``, keeping none of them."""
+    size = 0
+    while size < limit:
+        part = f.read(min(chunk, limit - size))
+        if not part:
+            break
+        size += len(part)
+    return size
+
+
+def _read_data(path: Path, f: BinaryIO, dtype: np.dtype, dims: tuple[int, ...], expected: int) -> np.ndarray:
+    buffer = np.empty(expected, dtype=np.uint8)  # the one allocation: exactly the data's size
+    view, size = memoryview(buffer), 0
+    while size < expected:
+        n = f.readinto(view[size : size + min(2**24, expected - size)])
+        if not n:
+            break
+        size += n
+    trailing = f.read(1) if size == expected else b""
+    _check_length(path, dims, expected, size + len(trailing))
+    try:
+        array = buffer.view(dtype).reshape(dims)
+    except ValueError as e:  # e.g. more dimensions than NumPy allows
+        raise RhovaeError(
+            f"{path}: IDX dimensions {_shown(dims)} cannot be an array ({_reason(e)})"
+        ) from None
+    return array.astype(dtype.newbyteorder("="), copy=not dtype.isnative)
+
+
 def _reason(e: BaseException) -> str:
     text = (getattr(e, "strerror", None) or str(e)).strip().splitlines()
     return text[0] if text else type(e).__name__
 
 
-def _read_at_most(f: BinaryIO, n: int, chunk: int = 2**24) -> bytes:
-    """Up to ``n`` bytes of ``f``, read in chunks: ``f.read(n)`` would allocate ``n`` bytes up front."""
-    parts, size = [], 0
-    while size < n:
-        part = f.read(min(chunk, n - size))
-        if not part:
-            break
-        parts.append(part)
-        size += len(part)
-    return b"".join(parts)
-
-
-def _read_idx(path: Path, f: BinaryIO) -> np.ndarray:
+def _read_header(path: Path, f: BinaryIO) -> tuple[np.dtype, tuple[int, ...], int]:
+    """The element type, dimensions and data length (bytes) an IDX header announces."""
     magic = f.read(4)
     if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
         raise RhovaeError(f"{path}: not an IDX file (bad magic number {magic.hex() or 'empty'})")
@@ -84,25 +150,13 @@ def _read_idx(path: Path, f: BinaryIO) -> np.ndarray:
     if len(head) < 4 * ndim:
         raise RhovaeError(f"{path}: truncated IDX header ({4 + len(head)} bytes for {ndim} dimensions)")
     dims = tuple(int.from_bytes(head[4 * i : 4 * i + 4], "big") for i in range(ndim))
-    shown = str(dims) if ndim <= 6 else f"({', '.join(map(str, dims[:4]))}, ...; {ndim} in all)"
     expected = math.prod(dims) * dtype.itemsize  # Python integers: no overflow
     if expected > _MAX_IDX_BYTES:
         raise RhovaeError(
-            f"{path}: IDX dimensions {shown} describe {expected:.3g} bytes, more than any file holds; "
+            f"{path}: IDX dimensions {_shown(dims)} describe {expected:.3g} bytes, more than any file holds; "
             "the header is damaged"
         )
-    data = _read_at_most(f, expected + 1)
-    if len(data) != expected:
-        what = "truncated" if len(data) < expected else "has trailing bytes"
-        found = len(data) if len(data) < expected else f"more than {expected}"
-        raise RhovaeError(
-            f"{path}: IDX file {what}: dimensions {shown} need {expected} data bytes, found {found}"
-        )
-    try:
-        array = np.frombuffer(data, dtype=dtype).reshape(dims)
-    except ValueError as e:  # e.g. more dimensions than NumPy allows
-        raise RhovaeError(f"{path}: IDX dimensions {shown} cannot be an array ({_reason(e)})") from None
-    return array.astype(dtype.newbyteorder("="))
+    return dtype, dims, expected
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:

@@ -407,6 +407,7 @@ class AR1Normal(Distribution):
 
     @property
     def latent_dim(self) -> int:
+        """The latent dimension d."""
         return self._event_shape[0]
 
     @property

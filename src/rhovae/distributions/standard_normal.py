@@ -30,6 +30,7 @@ class StandardNormal(Independent):
 
     @property
     def latent_dim(self) -> int:
+        """The latent dimension d."""
         return self.event_shape[0]
 
     def expand(self, batch_shape, _instance=None):
