@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 
-.PHONY: setup data test demo lint bench clean
+.PHONY: setup data test docs demo lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,17 @@ data:
 	fi
 
 test: setup data
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks docs/hooks.py
 	$(PY) -m pytest -q
+
+# The documentation site (mkdocs.yml): MkDocs + Material + mkdocstrings, into site/. --strict: a broken
+# link or anchor, or a public name without a docstring (docs/hooks.py), fails the build.
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PIP) -e ".[docs]"
+	touch $@
+
+docs: setup $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 # The offline demo: `rhovae compare --preset quick`: the MLP VAE with the diagonal and the AR(1)
 # posterior, 5 epochs x 3 seeds, on Fashion-MNIST (Debian package) or, where that cannot be installed,
@@ -35,11 +44,11 @@ demo: setup data
 	$(VENV)/bin/rhovae compare --preset quick --out runs/demo
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks docs/hooks.py
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: setup
 	$(PY) benchmarks/bench_posteriors.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis site
