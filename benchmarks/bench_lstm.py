@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from common import machine_name
 
+from rhovae.data.sequences import END, LETTERS, SequenceVocab, encode_batch, nas201_dataset, words_dataset
 from rhovae.errors import RhovaeError
 from rhovae.nets.lstm import LSTMDecoder, LSTMEncoder
-from rhovae.sequences import END, LETTERS, SequenceVocab, encode_batch, nas201_dataset, words_dataset
 
 
 def words_data() -> tuple[np.ndarray, SequenceVocab, str]:

@@ -46,11 +46,13 @@ def test_shapes_loss_and_gradients(model, posterior, shape):
 
 
 @pytest.mark.parametrize("model, posterior", OVERFIT)
-def test_overfit_256_images_lowers_loss_by_a_third(model, posterior):
+def test_overfit_lowers_loss_by_a_third(model, posterior):
     torch.manual_seed(0)
     shape = model_shape(model, (1, 12, 12))
     vae = build_model(ModelConfig(model=model, posterior=posterior, latent_dim=4, hidden=64), shape)
-    x = torch.from_numpy(make_images(256, 12, 3)).float().div(255).unsqueeze(1)
+    # the convolutional models cost 10-50x the MLP per image: 64 images show the same learning
+    n = 256 if model == "mlp" else 64
+    x = torch.from_numpy(make_images(n, 12, 3)).float().div(255).unsqueeze(1)
     x = torch.nn.functional.interpolate(x, size=shape[1:], mode="bilinear") if shape[1:] != (12, 12) else x
     start, end = overfit(vae, x, steps=40 if shape[1] == 64 else 80, lr=2e-3)
     assert end < start * 2 / 3, (start, end)

@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rhovae.errors import RhovaeError
-from rhovae.nets.lstm import LSTMDecoder, LSTMEncoder, SequenceDistribution, step_mask
-from rhovae.sequences import (
+from rhovae.data.sequences import (
     END,
     LAYER_TOKENS,
     LETTERS,
@@ -27,11 +25,13 @@ from rhovae.sequences import (
     nas201_string,
     parse_nas201,
     sample_layers,
-    sequence_metrics,
     size_to_feature,
     to_text,
     words_dataset,
 )
+from rhovae.errors import RhovaeError
+from rhovae.nets.lstm import LSTMDecoder, LSTMEncoder, SequenceDistribution, step_mask
+from rhovae.sequence_metrics import sequence_metrics
 
 NAS = SequenceVocab("nas201", NAS201_OPS, end=None, n_features=0, max_len=6)
 LAYERS = SequenceVocab("layers", LAYER_TOKENS, end=LAYER_TOKENS.index(END), n_features=1, max_len=8)

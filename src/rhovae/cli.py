@@ -51,6 +51,25 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def _add_tracker_flags(parser: argparse.ArgumentParser) -> None:
+    """TensorBoard and MLflow, for train and compare (rhovae.trackers)."""
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="write TensorBoard event files to RUN/tensorboard: metrics per epoch, prior samples, the "
+        "settings as hyperparameters with the final metrics (pip install 'rhovae[tensorboard]')",
+    )
+    parser.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="./mlruns",
+        metavar="URI",
+        help="log each run to MLflow: parameters, per-epoch metrics, evaluation, pictures and reports as "
+        "artifacts; URI: a tracking URI or a folder (default ./mlruns, a local file store) "
+        "(pip install 'rhovae[mlflow]')",
+    )
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     """What every command that reads a finished run takes."""
     parser.add_argument("run", type=Path, help="run folder")
@@ -100,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the run in --run-dir (its checkpoints, metrics, config and pictures) with a new one",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_tracker_flags(p)
     _add_config_flags(p)
 
     p = sub.add_parser(
@@ -133,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=int, help="override the experiment's epochs (e.g. for a quick look)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs only")
+    _add_tracker_flags(p)
     p.add_argument(
         "--ray",
         metavar="ADDRESS",
@@ -220,9 +241,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         if args.resume and args.overwrite:
             raise RhovaeError("--resume continues a run and --overwrite replaces it; give one of them")
+        from rhovae.trackers import mlflow_uri
+
         result = train(
             cfg, run_dir, resume=args.resume, progress=not args.no_progress and sys.stderr.isatty(),
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, tensorboard=args.tensorboard,
+            mlflow=mlflow_uri(args.mlflow) if args.mlflow else None,
         )  # fmt: skip
     except KeyboardInterrupt:
         print(f"rhovae: interrupted; {_saved_epoch(run_dir, cfg.epochs)}", file=sys.stderr)
@@ -334,7 +358,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if "vocab" in meta:  # sequences: printed as text, one per line
         import torch
 
-        from rhovae.sequences import SequenceVocab, to_text
+        from rhovae.data.sequences import SequenceVocab, to_text
 
         vocab = SequenceVocab.from_dict(meta["vocab"])
         if args.temperature > 0:
@@ -433,9 +457,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
             exp = dataclasses.replace(exp, run={**exp.run, **overrides})
         report = write_report(exp, out)
     else:
+        from rhovae.trackers import mlflow_uri
+
         report = compare(
             exp, out, jobs=args.jobs, overrides=overrides, ray=args.ray,
             ray_cpus_per_run=args.ray_cpus_per_run, ray_gpus_per_run=args.ray_gpus_per_run,
+            tensorboard=args.tensorboard, mlflow=mlflow_uri(args.mlflow) if args.mlflow else None,
         )  # fmt: skip
     print_summary(report)
     return 0

@@ -180,8 +180,9 @@ def sequence_evaluation(model: VAE, x, data, seed: int = 0, n_samples: int = 100
     """What sequence-VAE papers report: reconstruction accuracy (whole sequence and per token, greedy
     decode at the posterior mean) and, for ``n_samples`` prior samples (greedy decode of z ~ p(z)),
     validity under the set's rule, uniqueness and novelty against the training split
-    (:func:`rhovae.sequences.sequence_metrics`)."""
-    from rhovae.sequences import SequenceVocab, sequence_metrics
+    (:func:`rhovae.sequence_metrics.sequence_metrics`)."""
+    from rhovae.data.sequences import SequenceVocab
+    from rhovae.sequence_metrics import sequence_metrics
 
     vocab = SequenceVocab.from_dict(data.meta["vocab"])
     with eval_mode(model):

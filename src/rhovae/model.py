@@ -364,8 +364,8 @@ def _infovae(cfg: ModelConfig, shape: tuple[int, ...], meta: dict[str, Any]) -> 
 
 
 def _lstm(cfg: ModelConfig, shape: tuple[int, ...], meta: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    from rhovae.data.sequences import SequenceVocab
     from rhovae.nets.lstm import LSTMDecoder, LSTMEncoder
-    from rhovae.sequences import SequenceVocab
 
     if "vocab" not in meta or len(shape) != 2:
         raise RhovaeError(

@@ -80,7 +80,7 @@ def _atomic_png(path: Path, writer) -> None:
 def save_sequence_text(model, data, run_dir: Path, seed: int = 0) -> list[Path]:
     """``samples.txt`` (32 greedy decodes of z ~ p(z)) and ``reconstructions.txt`` (16 test sequences,
     each beside the greedy decode at its posterior mean), one per line, in the set's own notation."""
-    from rhovae.sequences import SequenceVocab, to_text
+    from rhovae.data.sequences import SequenceVocab, to_text
 
     vocab = SequenceVocab.from_dict(data.meta["vocab"])
     was_training = model.training

@@ -395,6 +395,7 @@ _ENTRY_CHECKS: dict[str, Callable[[Any], bool]] = {
 RUN_FILES = (
     "config.toml", "metrics.csv", "last.pt", "best.pt", "evaluation.json", "samples.png",
     "reconstructions.png", "loss_curves.png", "samples.txt", "reconstructions.txt", "samples.pt",
+    "mlflow.json",
 )  # fmt: skip
 RUN_FOLDERS = ("tensorboard", "explore")
 

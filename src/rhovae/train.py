@@ -154,6 +154,7 @@ class Run:
     cluster: Cluster = SINGLE  # the processes training this run together (DDP under torchrun)
     step_model: nn.Module | None = None  # what a step calls: the DDP wrapper, or None (the model)
     fingerprint: str = ""  # of the training split (runs.data_fingerprint), recorded in checkpoints
+    trackers: list = field(default_factory=list)  # rhovae.trackers.Tracker: TensorBoard, MLflow (rank 0)
 
     def rng_state(self) -> dict[str, Tensor]:
         state = {
@@ -200,9 +201,16 @@ def train(
     encoder: nn.Module | None = None,
     decoder: nn.Module | None = None,
     overwrite: bool = False,
+    tensorboard: bool = False,
+    mlflow: str | None = None,
+    mlflow_experiment: str = "rhovae",
 ) -> TrainResult:
     """Train ``cfg`` into ``run_dir``; with ``resume``, continue from ``last.pt`` exactly; with
     ``overwrite``, replace the run the folder holds (rhovae's files only).
+
+    ``tensorboard`` writes TensorBoard event files to ``RUN/tensorboard``; ``mlflow`` (a tracking URI,
+    see :func:`rhovae.trackers.mlflow_uri`) mirrors the run in MLflow experiment ``mlflow_experiment``
+    (:mod:`rhovae.trackers`).
 
     ``data`` replaces the dataset the config names (already on its device); ``encoder``/``decoder``
     replace the backbone's networks (``cfg.model == "custom"``).
@@ -217,6 +225,7 @@ def train(
                 f"{cluster.world} processes; use a multiple of {cluster.world}"
             )
         ckpt = cluster.on_main(lambda: _open_run_dir(cfg, run_dir, resume, stack, overwrite))
+        trackers: list = []
         if data is None:
             data = prepare_data(cfg, device)
         elif cluster.world > 1 and isinstance(data.train, Tensor) and data.train.device != device:
@@ -239,6 +248,11 @@ def train(
                     "training on %d processes (%s), %d examples each per step", cluster.world, device, share
                 )
             write_text_atomic(run_dir / "config.toml", to_toml(cfg))
+            from rhovae.trackers import open_trackers
+
+            trackers = open_trackers(run_dir, cfg.to_dict(), tensorboard, mlflow, mlflow_experiment)
+            for tracker in trackers:
+                stack.callback(tracker.close)
         if device.type == "cuda":
             stack.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
@@ -246,6 +260,7 @@ def train(
         torch.manual_seed(cfg.seed)
         run = make_run(cfg, data, run_dir, encoder, decoder, progress and cluster.main)
         run.cluster = cluster
+        run.trackers = trackers if cluster.main else []
         if cluster.main and "vocab" in data.meta and cfg.model in MODELS and not MODELS[cfg.model].likelihood:
             log.warning(  # after the model was built: a model that refuses the data says so instead
                 "note: %s is sequence data; the %s model reads each padded one-hot sequence as one "
@@ -432,7 +447,6 @@ def _restore_rank_noise(run: Run, ckpt: dict[str, Any]) -> None:
 def _loop(run: Run) -> TrainResult:
     cfg, state, cluster = run.cfg, run.state, run.cluster
     stopped_early = False
-    writer = _tensorboard(run.run_dir) if cluster.main else None
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         if cfg.early_stopping and state.stale >= cfg.early_stopping:
             stopped_early = True
@@ -450,18 +464,16 @@ def _loop(run: Run) -> TrainResult:
         run.scheduler.step(row["val_loss"])
         improved = state.record(row)
         _save_epoch(run, improved)
-        if writer is not None:
-            for key, value in row.items():
-                if key != "epoch":
-                    writer.add_scalar(key, value, epoch)
+        for tracker in run.trackers:
+            tracker.epoch(epoch, row, run.model, run.data, cfg.seed)
         if cluster.main:
             log.info(
                 "epoch %d: train %.3f val %.3f test %.3f (%.1fs)%s",
                 epoch, row["train_loss"], row["val_loss"], row["test_loss"], row["epoch_seconds"],
                 f" [{LEGACY_LABEL}]" if cfg.kl_estimator == "paper-legacy" else "",
             )  # fmt: skip
-    if writer is not None:
-        writer.close()
+    for tracker in run.trackers:
+        tracker.finish(run.run_dir, cfg.to_dict(), state.history)
     return TrainResult(
         run.run_dir, state.history, state.best_epoch, state.best_val, stopped_early, cluster.rank
     )
@@ -478,15 +490,6 @@ def _check_finite_evaluation(run: Run, epoch: int, row: dict[str, float]) -> Non
                 f"training diverged at epoch {epoch}: the {what} loss is {value}; {_kept(run)}; "
                 "try a lower --lr"
             )
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # noqa: BLE001 - tensorboard is optional
-        log.debug("tensorboard not installed; metrics go to metrics.csv only")
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 class _Totals:

@@ -9,7 +9,8 @@
 
 Modules: ``idx`` (the IDX format), ``images`` (Pillow), ``sources`` (one function per source, in a
 registry), ``preprocessing`` (raw values → model input, serialisable), ``core`` (``load_data``,
-:class:`Data`, in-memory and memory-mapped splits, batches).
+:class:`Data`, in-memory and memory-mapped splits, batches), ``sequences`` (the sequence sets nas201,
+layers and words, their vocabulary and one-hot encoding).
 """
 
 from rhovae.data.core import (

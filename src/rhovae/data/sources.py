@@ -411,10 +411,11 @@ def _classes(roots: dict[str, Path], files: dict[str, list[Path]]) -> list[str]:
 
 
 def _sequence_dataset(name: str) -> Callable[[Path | None], RawSplits]:
-    """A sequence set of :mod:`rhovae.sequences` (one-hot steps, not images; its vocabulary in ``meta``)."""
+    """A sequence set of :mod:`rhovae.data.sequences` (one-hot steps, not images; its vocabulary in
+    ``meta``)."""
 
     def load(data_dir: Path | None) -> RawSplits:
-        from rhovae.sequences import SEQUENCE_DATASETS
+        from rhovae.data.sequences import SEQUENCE_DATASETS
 
         train, val, test, vocab = SEQUENCE_DATASETS[name](data_dir, seed=0)
         return RawSplits(

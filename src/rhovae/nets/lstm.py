@@ -1,6 +1,6 @@
 """Sequence backbones: a bidirectional LSTM/GRU encoder and the autoregressive LSTM decoder of the notes
 (seed 003, section 4.1, Algorithms 1 and 2), for data ``(B, L, K + F)`` in the format of
-:mod:`rhovae.sequences` (one-hot token types, F ∈ {0, 1} features in [0, 1], all-zero padding rows).
+:mod:`rhovae.data.sequences` (one-hot token types, F ∈ {0, 1} features in [0, 1], all-zero padding rows).
 
 The decoder returns ``p(x|z)`` itself, a :class:`SequenceDistribution`: the exact teacher-forced
 log-likelihood, and the free-running greedy decode as its ``mean``.
@@ -16,8 +16,8 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from rhovae.data.sequences import SequenceVocab
 from rhovae.errors import RhovaeError
-from rhovae.sequences import SequenceVocab
 
 __all__ = ["LSTMDecoder", "LSTMEncoder", "SequenceDistribution", "step_mask"]
 

@@ -1,18 +1,22 @@
 """Grids of runs on a Ray cluster: what ``rhovae compare --ray ADDRESS`` does with an experiment's runs.
 
-Each run is one Ray task declaring its resources (``cpus_per_run``, ``gpus_per_run``) and calling
-:func:`rhovae.experiments.run_one`, exactly as ``--jobs`` does: finished runs are skipped and interrupted
-ones resumed from their ``last.pt``, and a task that Ray retries after its node died resumes the same
-way. Every task writes into the experiment's output folder, which must therefore be one folder for
-all machines (a shared file system mounted at the same path); relative paths in the experiment (a
-``data_dir``) are taken from the driver's working directory, which each task enters when it exists
-there. Ray is optional: ``pip install 'rhovae[ray]'``.
+Each run is one Ray task declaring its resources (``cpus_per_run``, ``gpus_per_run``) and calling the
+function it is given (``compare`` gives :func:`rhovae.experiments.run.run_one`, exactly as ``--jobs``
+does): finished runs are skipped and interrupted ones resumed from their ``last.pt``, and a task that
+Ray retries after its node died resumes the same way. Every task writes into the experiment's output
+folder, which must therefore be one folder for all machines (a shared file system mounted at the same
+path); relative paths in the experiment (a ``data_dir``) are taken from the driver's working directory,
+which each task enters when it exists there. Ray is optional: ``pip install 'rhovae[ray]'``.
+
+This module imports nothing of :mod:`rhovae.experiments` (the function to run is an argument), so the
+package has no import cycle.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from rhovae.errors import RhovaeError
@@ -33,13 +37,11 @@ def import_ray() -> Any:
     return ray
 
 
-def _run_in_worker(cwd: str, *task: Any) -> str:
-    """One grid cell inside a Ray worker: :func:`~rhovae.experiments.run_one` from the driver's folder."""
-    from rhovae.experiments import run_one
-
+def _run_in_worker(cwd: str, run: Callable[..., str], *task: Any) -> str:
+    """One grid cell inside a Ray worker: ``run(*task)`` from the driver's folder."""
     if os.path.isdir(cwd):
         os.chdir(cwd)
-    return run_one(*task)
+    return run(*task)
 
 
 def _first_line(e: BaseException) -> str:
@@ -50,10 +52,15 @@ def _first_line(e: BaseException) -> str:
 
 
 def run_tasks(
-    tasks: list[tuple], address: str, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0
+    run: Callable[..., str],
+    tasks: list[tuple],
+    address: str,
+    cpus_per_run: float = 1.0,
+    gpus_per_run: float = 0.0,
 ) -> dict[str, str]:
-    """Run each task (the arguments of :func:`~rhovae.experiments.run_one`, its run id first) as a Ray
-    task on the cluster at ``address`` (``local``: start a Ray instance on this machine with all its
+    """Run ``run(*task)`` for each task (its run id first; ``run`` a module-level function, such as
+    :func:`rhovae.experiments.run.run_one`, which Ray's workers import by name) as a Ray task on the
+    cluster at ``address`` (``local``: start a Ray instance on this machine with all its
     CPUs; ``auto``: the cluster this machine belongs to; else ``HOST:PORT`` or ``ray://HOST:PORT``).
     Returns what each run did. Failed runs do not stop the others; once all have ended, one
     RhovaeError names them (the same command resumes them)."""
@@ -76,7 +83,7 @@ def run_tasks(
     try:
         remote = ray.remote(_run_in_worker).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run)
         cwd = os.getcwd()
-        pending = {remote.remote(cwd, *task): task[0] for task in tasks}
+        pending = {remote.remote(cwd, run, *task): task[0] for task in tasks}
         outcomes: dict[str, str] = {}
         failures: dict[str, str] = {}
         while pending:

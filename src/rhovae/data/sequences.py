@@ -1,4 +1,4 @@
-"""Offline sequence datasets of neural-network architectures (and words), their encoding and metrics.
+"""Offline sequence datasets of neural-network architectures (and words) and their encoding.
 
 One format for every set: a float32 array ``(N, L, K + F)``. Each step is a one-hot over the ``K`` token
 types (the end token among them when the set has one) followed by ``F ∈ {0, 1}`` feature channels in
@@ -17,7 +17,8 @@ Three sets, each a function ``(data_dir | None, seed) -> (train, val, test, voca
 - ``words``: English words from a dictionary file (Debian's ``wamerican``), as letters a–z plus an end
   token (K = 27, F = 0). Valid: the word is in that dictionary.
 
-Identity of two sequences (uniqueness, novelty) is equality of :func:`to_text`.
+Identity of two sequences (uniqueness, novelty) is equality of :func:`to_text`. What a sequence VAE is
+scored by (reconstruction accuracy, validity, uniqueness, novelty) is in :mod:`rhovae.sequence_metrics`.
 """
 
 from __future__ import annotations
@@ -58,11 +59,9 @@ __all__ = [
     "nas201_string",
     "parse_nas201",
     "sample_layers",
-    "sequence_metrics",
     "size_to_feature",
     "split_dataset",
     "to_text",
-    "validity_rule",
     "words_dataset",
 ]
 
@@ -494,85 +493,3 @@ SEQUENCE_DATASETS: dict[str, Callable[..., tuple[Array, Array, Array, SequenceVo
     "layers": layers_dataset,
     "words": words_dataset,
 }
-
-
-# --- metrics ------------------------------------------------------------------------------------------
-
-
-def validity_rule(vocab: SequenceVocab) -> Callable[[list[str], list[float] | None], bool]:
-    """The set's validity test on decoded ``(tokens, features)``; the end token must have been emitted
-    within L steps where the set has one (a sequence of more than ``max_tokens`` tokens is invalid)."""
-    if vocab.name == "nas201":
-        return lambda tokens, features: is_valid_nas201(tokens)
-    if vocab.name == "layers":
-        return lambda tokens, features: len(tokens) <= vocab.max_tokens and is_valid_layers(tokens, features)
-    if vocab.name == "words":
-        if vocab.source is None:
-            raise RhovaeError("this words vocab names no dictionary file (source), so validity is undefined")
-        dictionary = set(load_dictionary(vocab.source))
-        return lambda tokens, features: len(tokens) <= vocab.max_tokens and "".join(tokens) in dictionary
-    raise RhovaeError(f"no validity rule for sequence set {vocab.name!r} (known: nas201, layers, words)")
-
-
-def _types_and_mask(x: Tensor, vocab: SequenceVocab) -> tuple[Tensor, Tensor]:
-    one_hot = x[..., : vocab.n_types]
-    return one_hot.argmax(-1), one_hot.sum(-1) > 0.5
-
-
-def sequence_metrics(
-    recon: Tensor,
-    x: Tensor,
-    samples: Tensor,
-    train: Tensor | Array,
-    vocab: SequenceVocab,
-    *,
-    feature_tol: float = 0.05,
-    is_valid: Callable[[list[str], list[float] | None], bool] | None = None,
-) -> dict[str, float]:
-    """Reconstruction and generation quality, as fractions in [0, 1].
-
-    Args:
-        recon: ``(N, L, K + F)`` decoded reconstructions of ``x`` (e.g. the greedy decode at the posterior
-            mean); x: ``(N, L, K + F)`` the inputs.
-        samples: ``(S, L, K + F)`` decoded prior samples; train: ``(M, L, K + F)`` the training split.
-        feature_tol: the largest feature error that counts as recovered (0.05 is half a step of the
-            layers sizes, ``log2 / 10``, so within it the size rounds the same).
-        is_valid: overrides :func:`validity_rule`.
-
-    Returns:
-        ``recon_seq_acc_types``: sequences whose token types are all recovered and whose length (the
-        padding) matches; ``recon_seq_acc``: the same with every feature (not the end step's) within
-        ``feature_tol`` (equal to the former when F = 0); ``recon_token_acc``: recovered types over the
-        real steps of ``x``; ``validity``: valid samples / samples; ``uniqueness``: distinct valid samples /
-        samples; ``novelty``: valid samples not in ``train`` / valid samples (0 when none is valid).
-        Sequences are identical when their :func:`to_text` is.
-    """
-    if recon.shape != x.shape:
-        raise RhovaeError(f"recon {tuple(recon.shape)} and x {tuple(x.shape)} must have the same shape")
-    x_types, x_mask = _types_and_mask(x, vocab)
-    r_types, r_mask = _types_and_mask(recon, vocab)
-    type_ok = (x_types == r_types) & x_mask
-    seq_types = ((type_ok | ~x_mask) & (x_mask == r_mask)).all(-1)
-    seq = seq_types
-    if vocab.n_features:
-        scored = x_mask if vocab.end is None else x_mask & (x_types != vocab.end)
-        close = (x[..., vocab.n_types] - recon[..., vocab.n_types]).abs() <= feature_tol
-        seq = seq & (close | ~scored).all(-1)
-    metrics = {
-        "recon_seq_acc": float(seq.float().mean()),
-        "recon_seq_acc_types": float(seq_types.float().mean()),
-        "recon_token_acc": float(type_ok.sum() / x_mask.sum().clamp_min(1)),
-    }
-
-    valid_fn = is_valid or validity_rule(vocab)
-    train_texts = {to_text(row, vocab) for row in _as_numpy(train)}
-    valid_texts = []
-    for row in _as_numpy(samples):
-        tokens, features = decode(row, vocab)
-        if valid_fn(tokens, features):
-            valid_texts.append(to_text(row, vocab))
-    n_samples, n_valid = len(samples), len(valid_texts)
-    metrics["validity"] = n_valid / max(n_samples, 1)
-    metrics["uniqueness"] = len(set(valid_texts)) / max(n_samples, 1)
-    metrics["novelty"] = sum(t not in train_texts for t in valid_texts) / n_valid if n_valid else 0.0
-    return metrics
