@@ -81,7 +81,7 @@ def test_every_flag_is_explained():
     [
         (["train", "--posterior", "ar7"], "unknown posterior 'ar7'"),
         (["train", "--dataset", "cifar"], "unknown dataset 'cifar'"),
-        (["train", "--latent-dim", "0"], "latent-dim must be positive"),
+        (["train", "--latent-dim", "0"], "latent-dim 0 (no latent) is the sequence model"),
         (["train", "--batch-size", "-3"], "batch-size must be positive"),
         (["train", "--config", "/nonexistent.toml"], "config file not found"),
         (["evaluate", "/nonexistent-run"], "no such run folder"),

@@ -110,7 +110,7 @@ def test_presets_load_and_expand():
         ("[grid]\nposterior = ['ar1']\n[misc]\na = 1\n", "unknown section"),
         ("[grid]\nposterior = ['ar1']\n[evaluate]\niwae = 3\n", "unknown key 'iwae'"),
         ("[grid]\nposterior = ['ar7']\n", "unknown posterior 'ar7'"),
-        ("[grid]\nlatent_dim = [0]\n", "latent-dim must be positive"),
+        ("[grid]\nlatent_dim = [0]\n", r"latent-dim 0 \(no latent\)"),
         ("[grid]\nposterior = ['ar1', 'ar1']\n", "same run"),
     ],
 )

@@ -34,10 +34,10 @@ def test_forward_terms_are_per_sample(posterior, prior):
 
 
 def test_monte_carlo_kl_fallback_is_unbiased():
-    # Diagonal posterior against a learned AR(1) prior: no closed form is registered, so the model uses
-    # log q(z) - log p(z). Its mean over 40k draws must match the dense closed form within 5 SE.
+    # Full-covariance posterior against a learned AR(1) prior: no closed form is registered, so the model
+    # uses log q(z) - log p(z). Its mean over 40k draws must match the dense closed form within 5 SE.
     torch.manual_seed(1)
-    model = build_model(ModelConfig(posterior="diagonal", prior="ar1", latent_dim=5, hidden=16), SHAPE)
+    model = build_model(ModelConfig(posterior="full", prior="ar1", latent_dim=5, hidden=16), SHAPE)
     with torch.no_grad():
         model.prior.rho_pre.fill_(0.8)
         model.prior.log_var.fill_(0.3)
@@ -48,7 +48,7 @@ def test_monte_carlo_kl_fallback_is_unbiased():
     p = model.prior()
     q = model.posterior(images(4))
     dense_p = MultivariateNormal(p.loc, p.covariance_matrix)
-    dense_q = MultivariateNormal(q.mean, torch.diag_embed(q.variance))
+    dense_q = MultivariateNormal(q.mean, scale_tril=q.scale_tril)
     exact = kl_divergence(dense_q, dense_p).detach()
     mc = out.kl.view(10000, 4)
     se = mc.std(0) / 100
@@ -95,6 +95,8 @@ def test_unknown_model_and_sizes():
     with pytest.raises(RhovaeError, match="unknown model 'resnet'"):
         build_model(ModelConfig(model="resnet"), SHAPE)
     with pytest.raises(RhovaeError, match="latent-dim must be positive"):
+        RunConfig(latent_dim=-1).validate()
+    with pytest.raises(RhovaeError, match=r"latent-dim 0 \(no latent\) is the sequence model's"):
         RunConfig(latent_dim=0).validate()  # sizes are validated once, where settings enter
     with pytest.raises(RhovaeError, match="unknown posterior"):
         build_model(ModelConfig(posterior="gaussian"), SHAPE)

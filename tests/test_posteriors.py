@@ -113,5 +113,5 @@ def test_full_head_covariance_is_lower_cholesky():
 def test_unknown_name_and_bad_sizes_raise_project_error():
     with pytest.raises(RhovaeError, match="unknown posterior 'ar2'.*ar1"):
         make_head("ar2", H, D)
-    with pytest.raises(RhovaeError, match="latent-dim must be positive, got 0"):
-        RunConfig(latent_dim=0).validate()  # sizes are validated once, where settings enter
+    with pytest.raises(RhovaeError, match="latent-dim must be positive .*, got -3"):
+        RunConfig(latent_dim=-3).validate()  # sizes are validated once, where settings enter

@@ -223,6 +223,11 @@ def _resolve_config(args: argparse.Namespace) -> RunConfig:
         if getattr(args, f.name) is not None
     }
     resolved = from_dict(overrides, base=cfg, where="command line").validate()
+    if resolved.latent_dim == 0 and args.posterior is not None:
+        raise RhovaeError(
+            f"latent-dim 0 has no latent, so posterior {args.posterior} cannot apply; drop it or give a "
+            "latent-dim"
+        )
     own = MODELS[resolved.model].likelihood if resolved.model in MODELS else ""
     if own and args.likelihood not in (None, own):  # validate() lets the default through, not the flag
         raise not_own_likelihood(resolved.model, args.likelihood)
@@ -290,7 +295,7 @@ def _test_split(cfg: RunConfig, device, limit: int = 0):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from rhovae.evaluate import evaluate_run, write_evaluation
+    from rhovae.evaluate import INTERPOLATION_PAIRS, INTERPOLATION_POINTS, evaluate_run, write_evaluation
 
     _check_seed(args.seed)
     result = evaluate_run(
@@ -312,6 +317,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"  active units        {result['active_units']} of {cfg['latent_dim']}")
     if "active_units_per_group" in result:
         print(f"  per latent group    {result['active_units_per_group']}")
+    if "mutual_information_examples" in result:
+        n_mi = result["mutual_information_examples"]
+        if "mutual_information" in result:
+            print(
+                f"  mutual information  {result['mutual_information']:.3f} nats "
+                f"(He et al. estimator, {n_mi} test examples)"
+            )
+        else:
+            print("  mutual information  n/a (the posterior gives no log-density at other examples' codes)")
     if "validity" in result:  # sequence runs
         print(
             f"  reconstruction      {result['recon_seq_acc']:.3f} of sequences, "
@@ -320,6 +334,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(
             f"  1,000 prior samples validity {result['validity']:.3f}, "
             f"uniqueness {result['uniqueness']:.3f}, novelty {result['novelty']:.3f}"
+        )
+    if "interpolation_validity" in result:
+        print(
+            f"  interpolation validity {result['interpolation_validity']:.3f} (greedy decodes at "
+            f"{INTERPOLATION_POINTS} interior points between the posterior means of {INTERPOLATION_PAIRS} "
+            "pairs of test sequences)"
         )
     for name, stats in result["posterior_statistics"].items():
         if isinstance(stats, dict):

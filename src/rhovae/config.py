@@ -168,6 +168,24 @@ class RunConfig(ModelConfig):
     free_bits_groups: int = field(
         default=0, metadata=_help("groups of latent dimensions for free bits (0: one per dimension)")
     )
+    kl_cycles: int = field(
+        default=0,
+        metadata=_help(
+            "cyclical KL annealing (Fu et al., NAACL 2019): training split into this many cycles, beta "
+            "rising linearly from 0 to beta over the first kl-cycle-rise of each, then held (0: off)"
+        ),
+    )
+    kl_cycle_rise: float = field(
+        default=0.5, metadata=_help("fraction R of each KL cycle over which beta rises (Fu et al.: 0.5)")
+    )
+    aggressive: bool = field(
+        default=False,
+        metadata=_help(
+            "aggressive inference-network training (He et al., ICLR 2019): before each decoder step, "
+            "encoder-only steps on fresh batches until the loss stops improving; after each epoch the "
+            "mutual information I(x;z) is estimated and, once it stops rising, ordinary training follows"
+        ),
+    )
     seed: int = field(default=0, metadata=_help("random seed: the same seed gives the same numbers"))
     device: str = field(
         default="auto", metadata=_help("auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -199,7 +217,7 @@ class RunConfig(ModelConfig):
                 raise RhovaeError(f"{_flag(f.name)} must be finite, got {value}")
             if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
                 raise RhovaeError(f"{_flag(f.name)} is out of range: {value}")
-        for name in ("latent_dim", "hidden", "epochs", "batch_size", "flow_steps", "in_memory_limit_mb",
+        for name in ("hidden", "epochs", "batch_size", "flow_steps", "in_memory_limit_mb",
                      "latent_groups", "group_hidden"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise RhovaeError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
@@ -207,7 +225,7 @@ class RunConfig(ModelConfig):
             if getattr(self, name) > most:
                 raise RhovaeError(f"{_flag(name)} must be at most {most:,}, got {getattr(self, name):,}")
         for name in ("limit", "early_stopping", "lr_patience", "kl_warmup", "free_bits_groups", "val_size",
-                     "image_size", "seed"):  # fmt: skip
+                     "image_size", "seed", "kl_cycles"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise RhovaeError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.channels not in (0, 1, 3):
@@ -244,6 +262,7 @@ class RunConfig(ModelConfig):
                 )
         else:
             check_dataset_name(self.dataset)
+        self._check_latent_and_remedies()
         if self.kl_estimator == "paper-legacy" and self.posterior not in LEGACY_POSTERIORS:
             raise RhovaeError(
                 f"kl-estimator paper-legacy exists for the {' and '.join(LEGACY_POSTERIORS)} posteriors, "
@@ -298,6 +317,75 @@ class RunConfig(ModelConfig):
             raise RhovaeError(f"beta must be >= 0 (or -1 for the model's default), got {self.beta}")
         return self
 
+    def _check_latent_and_remedies(self) -> None:
+        """A model without a latent (latent-dim 0: the sequence model's language-model baseline) and the
+        remedies for posterior collapse: each where it applies, and which combine (docs/sequences.md)."""
+        if self.latent_dim < 0:
+            raise RhovaeError(
+                f"latent-dim must be positive (or 0: no latent, --model lstm), got {self.latent_dim}"
+            )
+        if self.latent_dim == 0:
+            if self.model != "lstm":
+                raise RhovaeError(
+                    "latent-dim 0 (no latent) is the sequence model's language-model baseline: use it with "
+                    f"--model lstm, not {self.model}"
+                )
+            self.posterior = RunConfig.posterior  # none applies; recorded as the default (a flag is refused)
+            needs = [
+                (self.prior != "standard", f"prior {self.prior}"),
+                (self.prior_rho != 0, "prior-rho"),
+                (self.kl_warmup > 0, "kl-warmup"),
+                (self.kl_cycles > 0, "kl-cycles"),
+                (self.free_bits > 0, "free-bits"),
+                (self.aggressive, "aggressive"),
+                (self.bn_gamma > 0, "bn-gamma"),
+                (self.latent_groups != 1 or bool(self.group_sizes.strip()), "latent groups"),
+                (self.beta not in (-1.0, 1.0), "beta"),
+                (self.kl_estimator != "exact", "kl-estimator"),
+            ]
+            given = [what for bad, what in needs if bad]
+            if given:
+                raise RhovaeError(
+                    f"latent-dim 0 has no latent, so {', '.join(given)} cannot apply; drop "
+                    f"{'it' if len(given) == 1 else 'them'} or give a latent-dim"
+                )
+        if self.word_dropout > 0 and self.model != "lstm":
+            raise RhovaeError(
+                f"word-dropout hides the lstm decoder's input tokens; the {self.model} model has none: "
+                "drop --word-dropout"
+            )
+        if self.prior_rho != 0:
+            if self.prior != "ar1":
+                raise RhovaeError(
+                    f"prior-rho fixes the correlation of --prior ar1 (the delta-VAE's committed rate); "
+                    f"the prior here is {self.prior}: add --prior ar1 or drop --prior-rho"
+                )
+            if not -1 < self.prior_rho < 1:
+                raise RhovaeError(f"prior-rho must lie in (-1, 1), got {self.prior_rho}")
+        if self.kl_cycles:
+            if self.kl_warmup:
+                raise RhovaeError("kl-cycles and kl-warmup both schedule beta; give one of them")
+            if not 0 < self.kl_cycle_rise <= 1:
+                raise RhovaeError(f"kl-cycle-rise must be in (0, 1], got {self.kl_cycle_rise}")
+        if not self.bn_gamma >= 0:
+            raise RhovaeError(f"bn-gamma must be >= 0 (0: off), got {self.bn_gamma}")
+        if self.bn_gamma > 0:
+            from rhovae.model import hierarchy_groups
+            from rhovae.posteriors import BN_HEADS
+
+            if self.posterior not in BN_HEADS or hierarchy_groups(self) != 1:
+                raise RhovaeError(
+                    f"bn-gamma normalises the mean of a Gaussian posterior ({', '.join(BN_HEADS)}) of a flat "
+                    f"latent; not posterior {self.posterior!r}"
+                    + (" with latent groups" if hierarchy_groups(self) != 1 else "")
+                )
+        objective = self.objective or (MODELS[self.model].objective if self.model in MODELS else "elbo")
+        if self.aggressive and objective != "elbo":
+            raise RhovaeError(
+                f"aggressive training (He et al.) follows the ELBO; this run's objective is {objective}: "
+                "drop --aggressive or use --objective elbo"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """Every setting as a plain ``{name: value}`` dict (what checkpoints and config.toml hold)."""
         return dataclasses.asdict(self)
@@ -325,6 +413,7 @@ SIZE_LIMITS = {
     "early_stopping": 10**6,
     "lr_patience": 10**6,
     "kl_warmup": 2**40,
+    "kl_cycles": 10**6,
     "free_bits_groups": 2**16,
 }
 

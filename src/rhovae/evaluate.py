@@ -1,4 +1,5 @@
-"""Evaluation: negative ELBO and its terms, IWAE NLL, active units, and posterior statistics.
+"""Evaluation: negative ELBO and its terms, IWAE NLL, active units, the mutual information I(x; z) of
+the aggregate posterior, and posterior statistics.
 
 All figures are per sample (nats), averaged over a split; the model runs in eval mode so no batch
 statistics leak into the numbers.
@@ -28,6 +29,7 @@ __all__ = [
     "elbo_terms",
     "evaluate_run",
     "iwae_nll",
+    "mutual_information",
     "posterior_summary",
     "write_evaluation",
 ]
@@ -86,7 +88,7 @@ def active_units(model: VAE, x, threshold: float = 0.01, batch_size: int = 1000)
     """Burda et al. (2016): unit u is active when ``Cov_x(E_q[z_u | x]) > threshold``."""
     with eval_mode(model):
         means = torch.cat([model.posterior(xb).mean for xb in batches(x, batch_size)])
-    variance = means.var(dim=0)
+    variance = means.var(dim=0) if means.shape[-1] else means.new_zeros(0)  # no latent: no unit
     result: dict[str, Any] = {
         "active_units": int((variance > threshold).sum()),
         "active_unit_variances": [round(float(v), 6) for v in variance],
@@ -95,6 +97,76 @@ def active_units(model: VAE, x, threshold: float = 0.01, batch_size: int = 1000)
     if sizes:  # latent hierarchies
         result["active_units_per_group"] = active_units_per_group(variance, list(sizes), threshold)
     return result
+
+
+#: test examples the evaluation record's mutual information is estimated on (the first ones): its N x N
+#: log-densities take about a second on a CPU for the small models, and the estimate is capped at log N
+MI_EXAMPLES = 1000
+#: the sequence evaluation's interpolations: pairs of test sequences, interior points per line
+INTERPOLATION_PAIRS, INTERPOLATION_POINTS = 100, 8
+
+
+@torch.no_grad()
+def mutual_information(
+    model: VAE,
+    split,
+    batch_size: int = 500,
+    max_examples: int = 0,
+    seed: int = 0,
+    max_pairs: int = 1 << 17,
+) -> float:
+    """He et al. (ICLR 2019, "Lagging inference networks")'s estimate of ``I(x; z)`` in nats under the
+    aggregate posterior ``q(z) = (1/N) sum_n q(z|x_n)`` of the first ``max_examples`` examples of
+    ``split`` (0: all of them).
+
+    One draw ``z_i ~ q(z|x_i)`` per example, then
+    ``I = (1/N) sum_i [log q(z_i|x_i) - log q(z_i)]`` with
+    ``log q(z_i) = logsumexp_n log q(z_i|x_n) - log N`` over all N examples (``n = i`` included).
+    Each term is at most ``log N`` (the sum holds the ``n = i`` term), so the estimate is too: a posterior
+    that tells the N examples apart perfectly scores ``log N``, one that ignores x scores 0 (up to
+    Monte-Carlo noise; small negative values are possible). Compare values at the same N only.
+
+    Generic over posterior families: ``log q(z_i|x_n)`` is ``q.log_prob(z.unsqueeze(1))``, a block of
+    draws ``(M, 1, d)`` broadcast against a batch ``(B,)`` of posteriors, ``(M, B)`` (checked for
+    diagonal, ar1, ar1-diag, isotropic, full and latent hierarchies, whose top-down states then depend on
+    the draws only). Families that give ``log_prob`` only at their own draws (planar/iaf flows, and
+    hierarchies of flow groups: the flows are not inverted) raise ``NotImplementedError`` there; the
+    estimate is then undefined and NaN is returned (``evaluate_run`` leaves it out of the record).
+
+    Memory stays bounded: the posteriors are built ``batch_size`` examples at a time and the draws are
+    scored in blocks of at most ``max_pairs`` (draw, example) pairs, the log-sum-exp accumulated per draw.
+    Deterministic for a given ``seed``; the global random state is left untouched. A model without a
+    latent (``latent_dim`` 0) returns 0.0.
+    """
+    n_total = len(split)
+    n = min(max_examples, n_total) if max_examples > 0 else n_total
+    if n == 0 or model.latent_dim == 0:
+        return 0.0
+    dev = model.device
+    with eval_mode(model), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        draws, own = [], []
+        for start in range(0, n, batch_size):
+            q = model.posterior(split[start : min(start + batch_size, n)])
+            z = q.sample()
+            own.append(q.log_prob(z).double())  # flows: their draws' cached log-density
+            draws.append(z)
+        z_all = torch.cat(draws)  # (N, d)
+        log_q_own = torch.cat(own)  # (N,) log q(z_i | x_i)
+        log_sum = torch.full((n,), -math.inf, dtype=torch.float64, device=z_all.device)
+        for start in range(0, n, batch_size):
+            q = model.posterior(split[start : min(start + batch_size, n)])
+            b = q.batch_shape[0]
+            block = max(1, max_pairs // b)
+            for i in range(0, n, block):
+                zi = z_all[i : i + block]
+                try:
+                    lp = q.log_prob(zi.unsqueeze(1)).expand(len(zi), b)  # (M, 1, d) against (B,): (M, B)
+                except NotImplementedError:
+                    return math.nan
+                log_sum[i : i + block] = torch.logaddexp(log_sum[i : i + block], lp.double().logsumexp(1))
+    log_q_aggregate = log_sum - math.log(n)
+    return float((log_q_own - log_q_aggregate).mean())
 
 
 @torch.no_grad()
@@ -131,8 +203,11 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run folder on its test split; returns the record (:func:`write_evaluation` saves it).
 
-    Test negative ELBO and its terms, the IWAE NLL with ``iwae_k`` samples, active units and the
-    posterior family's statistics. ``limit > 0`` evaluates the first ``limit`` test examples.
+    Test negative ELBO and its terms, the IWAE NLL with ``iwae_k`` samples, active units, the posterior
+    family's statistics and ``mutual_information`` (:func:`mutual_information` on the first
+    :data:`MI_EXAMPLES` = 1,000 test examples, ``mutual_information_examples`` of them; left out for flow
+    posteriors, where it is undefined). Sequence runs add :func:`sequence_evaluation`'s figures.
+    ``limit > 0`` evaluates the first ``limit`` test examples.
     ``data``: the run's data, already on the model's device, when the caller has it loaded (as
     ``compare`` does after training); ``progress``: a bar over the IWAE pass.
     """
@@ -152,6 +227,11 @@ def evaluate_run(
         torch.manual_seed(seed)
         terms = elbo_terms(model, x)
         extra = sequence_evaluation(model, x, data, seed) if "vocab" in data.meta else {}
+        n_mi = min(len(x), MI_EXAMPLES)
+        mi = mutual_information(model, x, max_examples=n_mi, seed=seed)
+        if not math.isnan(mi):  # flows: undefined, left out (a report then drops the column)
+            extra["mutual_information"] = mi
+        extra["mutual_information_examples"] = n_mi
         record = {
             **extra,
             "run": str(run_dir),
@@ -180,17 +260,26 @@ def sequence_evaluation(model: VAE, x, data, seed: int = 0, n_samples: int = 100
     """What sequence-VAE papers report: reconstruction accuracy (whole sequence and per token, greedy
     decode at the posterior mean) and, for ``n_samples`` prior samples (greedy decode of z ~ p(z)),
     validity under the set's rule, uniqueness and novelty against the training split
-    (:func:`rhovae.sequence_metrics.sequence_metrics`)."""
+    (:func:`rhovae.sequence_metrics.sequence_metrics`), and ``interpolation_validity``: the fraction of
+    valid greedy decodes at ``INTERPOLATION_POINTS`` = 8 interior points of the lines between the
+    posterior means of ``INTERPOLATION_PAIRS`` = 100 seeded pairs of test sequences
+    (:func:`rhovae.sequence_metrics.interpolation_validity`)."""
     from rhovae.data.sequences import SequenceVocab
-    from rhovae.sequence_metrics import sequence_metrics
+    from rhovae.sequence_metrics import interpolation_validity, sequence_metrics
 
     vocab = SequenceVocab.from_dict(data.meta["vocab"])
     with eval_mode(model):
         recon = torch.cat([model.reconstruct(xb) for xb in batches(x, 1000)])
         samples = model.sample(n_samples, seed=seed)
+        interpolation = interpolation_validity(
+            model, x, vocab, pairs=INTERPOLATION_PAIRS, points=INTERPOLATION_POINTS, seed=seed
+        )
     inputs = torch.cat(list(batches(x, 1000)))
     train = torch.cat(list(batches(data.train, 10000)))
-    return sequence_metrics(recon.cpu(), inputs.cpu(), samples.cpu(), train.cpu(), vocab)
+    metrics = sequence_metrics(recon.cpu(), inputs.cpu(), samples.cpu(), train.cpu(), vocab)
+    if not math.isnan(interpolation):  # fewer than two test sequences
+        metrics["interpolation_validity"] = interpolation
+    return metrics
 
 
 def write_evaluation(run_dir, record: dict[str, Any]) -> Path:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution, kl_divergence
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from rhovae.errors import RhovaeError
 from rhovae.hierarchy import build_hierarchy
@@ -37,7 +38,7 @@ from rhovae.nets import (
     MLPDecoder,
     MLPEncoder,
 )
-from rhovae.posteriors import make_head, posterior_names
+from rhovae.posteriors import make_head, posterior_names, with_batchnorm_means
 from rhovae.priors import PRIORS, make_prior
 
 __all__ = ["MODELS", "VAE", "Backbone", "ModelConfig", "VAEOutput", "build_model", "kl_term"]
@@ -260,6 +261,21 @@ class ModelConfig:
             lambda: sorted(PRIORS),
         ),
     )
+    prior_rho: float = field(
+        default=0.0,
+        metadata=_help(
+            "with --prior ar1: fix the prior's correlation at this value in (-1, 1), unit variance, not "
+            "learned: the delta-VAE's committed rate (Razavi et al., ICLR 2019), whose KL to a factorised "
+            "posterior is at least delta(rho) nats (docs/math.md); 0: the AR(1) prior is learned"
+        ),
+    )
+    bn_gamma: float = field(
+        default=0.0,
+        metadata=_help(
+            "BN-VAE (Zhu et al., ACL 2020): the posterior means are batch-normalised with this fixed "
+            "scale gamma (learned shift), which keeps the expected KL at least d*gamma^2/2 (0: off)"
+        ),
+    )
     likelihood: str = field(
         default="bernoulli",
         metadata=_help(
@@ -270,7 +286,12 @@ class ModelConfig:
             lambda: sorted(LIKELIHOODS),
         ),
     )
-    latent_dim: int = field(default=10, metadata=_help("size d of the latent vector"))
+    latent_dim: int = field(
+        default=10,
+        metadata=_help(
+            "size d of the latent vector; 0 (--model lstm): no latent, the language-model baseline"
+        ),
+    )
     hidden: int = field(
         default=400,
         metadata=_help(
@@ -385,10 +406,32 @@ MODELS: dict[str, Backbone] = {
 }
 
 
+class NoEncoder(nn.Module):
+    """The encoder of a model without a latent (``latent_dim = 0``): no parameters, no computation; its
+    empty features ``(B, 0)`` give an empty posterior, so the KL is 0 and the IWAE bound is the
+    decoder's exact log-likelihood."""
+
+    out_features = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.new_zeros((x.shape[0], 0))
+
+
+class NoLatentHead(nn.Module):
+    """The posterior of a model without a latent: ``N(0, I_0)`` per example (batch ``(B,)``, event
+    ``(0,)``), whose samples are empty, log-density 0 and KL to the prior 0."""
+
+    latent_dim = 0
+
+    def forward(self, h: Tensor) -> Distribution:
+        loc = h.new_zeros((*h.shape[:-1], 0))
+        return Independent(Normal(loc, torch.ones_like(loc), validate_args=False), 1, validate_args=False)
+
+
 def encoder_features(encoder: nn.Module, data_shape: tuple[int, ...]) -> int:
     """The encoder's output size: its ``out_features`` attribute, else measured on two zero inputs."""
     n = getattr(encoder, "out_features", None)
-    if isinstance(n, int) and n > 0:
+    if isinstance(n, int) and (n > 0 or isinstance(encoder, NoEncoder)):
         return n
     try:
         with torch.no_grad():
@@ -464,7 +507,11 @@ def build_model(
     if encoder is None:
         if cfg.model not in MODELS:
             raise RhovaeError(f"unknown model {cfg.model!r}; choose one of: {', '.join(sorted(MODELS))}")
-        encoder, decoder = MODELS[cfg.model].build(cfg, data_shape, meta or {})
+        with warnings.catch_warnings():  # latent_dim 0: the decoder's first layer has no weights to draw
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+            encoder, decoder = MODELS[cfg.model].build(cfg, data_shape, meta or {})
+    if cfg.latent_dim == 0:  # no latent: the decoder alone (the sequence model's language-model baseline)
+        encoder = NoEncoder()
     features = encoder_features(encoder, data_shape)
     groups = hierarchy_groups(cfg)
     if groups != 1:  # the encoder is the bottom-up path; the decoder reads the concatenated z
@@ -472,10 +519,15 @@ def build_model(
             cfg.posterior, features, cfg.latent_dim, groups, cfg.group_hidden, cfg.flow_steps, cfg.prior
         )
     elif cfg.kl_estimator == "paper-legacy" and cfg.posterior == "ar1":
-        head, prior = PaperLegacyAR1Head(features, cfg.latent_dim), make_prior(cfg.prior, cfg.latent_dim)
+        head = PaperLegacyAR1Head(features, cfg.latent_dim)
+        prior = make_prior(cfg.prior, cfg.latent_dim, rho=cfg.prior_rho)
+    elif cfg.latent_dim == 0:
+        head, prior = NoLatentHead(), make_prior("standard", 0)
     else:
         head = make_head(cfg.posterior, features, cfg.latent_dim, cfg.flow_steps)
-        prior = make_prior(cfg.prior, cfg.latent_dim)
+        if cfg.bn_gamma > 0:
+            head = with_batchnorm_means(head, cfg.bn_gamma)
+        prior = make_prior(cfg.prior, cfg.latent_dim, rho=cfg.prior_rho)
     return VAE(encoder, head, decoder, make_likelihood(cfg.likelihood, data_shape), prior)
 
 

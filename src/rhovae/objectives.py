@@ -94,6 +94,10 @@ class Objective:
     KL warm-up: ``beta_t`` rises linearly from ``warmup_start`` to ``beta`` over ``warmup`` units of
     training progress (epochs or steps, as the trainer counts them), then stays (notes eq. 13).
 
+    Cyclical annealing (Fu et al., NAACL 2019), ``cycles = M > 0``: training (``total`` units, set by the
+    trainer) is split into M equal cycles; in each, ``beta_t`` rises linearly from 0 to ``beta`` over the
+    first fraction ``cycle_rise = R`` of the cycle and then stays at ``beta`` (their eq. 4-5).
+
     Free bits (Kingma et al. 2016, notes eq. 14), ``free_bits = lambda > 0``: the KL term becomes
     ``sum_j max(lambda, KL_j)`` over ``free_bits_groups`` groups of latent dimensions, each ``KL_j``
     averaged over the batch before the max. Where the KL does not factorise (AR(1), full, flows) the
@@ -110,14 +114,21 @@ class Objective:
     free_bits: float = 0.0
     free_bits_groups: int = 0  # 0: one group per latent dimension
     kl_estimator: str = "exact"  # "paper-legacy": the reference code's batch-mixed KL (not an ELBO)
+    cycles: int = 0  # cyclical annealing: the number of cycles (0: off)
+    cycle_rise: float = 0.5  # the fraction of each cycle over which beta rises
 
     def __post_init__(self) -> None:
         # settings are validated where they enter (RunConfig.validate); this is the loss only
         self.progress = 0.0
+        self.total = 1.0  # the training's length in progress units (the trainer sets it)
 
     def kl_weight(self, progress: float | None = None) -> float:
         """``beta_t`` at ``progress`` (epochs or steps done; default: the last one set)."""
         t = self.progress if progress is None else progress
+        if self.cycles > 0:
+            period = self.total / self.cycles
+            within = (t % period) / period  # the fraction of its cycle done
+            return self.beta * min(1.0, within / self.cycle_rise)
         if self.warmup <= 0:
             return self.beta
         return self.warmup_start + (self.beta - self.warmup_start) * min(1.0, t / self.warmup)
@@ -174,4 +185,6 @@ def objective_from_config(cfg) -> Objective:
         cfg.free_bits,
         cfg.free_bits_groups,
         cfg.kl_estimator,
+        cfg.kl_cycles,
+        cfg.kl_cycle_rise,
     )

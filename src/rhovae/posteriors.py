@@ -24,6 +24,8 @@ __all__ = [
     "FlowHead",
     "posterior_names",
     "AR1GaussianHead",
+    "BN_HEADS",
+    "BatchNormMean",
     "DiagonalGaussianHead",
     "FullCovGaussianHead",
     "make_head",
@@ -174,6 +176,39 @@ class FlowHead(nn.Module):
 
 
 FLOWS = ("planar", "iaf")
+
+
+#: the families whose mean BN-VAE can normalise (``--bn-gamma``): each has a ``loc`` layer
+BN_HEADS = tuple(sorted(HEADS))
+
+
+class BatchNormMean(nn.Module):
+    """BN-VAE's posterior mean (Zhu et al., ACL 2020): ``mu = gamma * BN(mu_raw) + beta``, batch
+    normalisation whose scale ``gamma`` is fixed and whose shift ``beta`` is learned.
+
+    Over a batch each dimension's means then have mean ``beta_j`` and variance ``gamma^2``, so the
+    batch's average KL to N(0, I) is at least ``sum_j (gamma^2 + beta_j^2) / 2 >= d gamma^2 / 2`` minus
+    what the variances can give back: the posterior cannot collapse onto the prior. In eval mode the
+    running statistics are used, as in any BatchNorm.
+    """
+
+    def __init__(self, latent_dim: int, gamma: float) -> None:
+        super().__init__()
+        self.gamma = float(gamma)
+        # eps far below the usual 1e-5: a fresh encoder's means may spread by less than 1e-2, and the
+        # usual eps would then shrink the normalised spread below gamma, and the KL floor with it
+        self.norm = nn.BatchNorm1d(latent_dim, affine=False, eps=1e-10)
+        self.shift = nn.Parameter(torch.zeros(latent_dim))
+
+    def forward(self, mu: Tensor) -> Tensor:
+        flat = mu.reshape(-1, mu.shape[-1])
+        return (self.gamma * self.norm(flat) + self.shift).reshape(mu.shape)
+
+
+def with_batchnorm_means(head: nn.Module, gamma: float) -> nn.Module:
+    """``head`` (a family of :data:`BN_HEADS`) with BN-VAE's normalised means (:class:`BatchNormMean`)."""
+    head.loc = nn.Sequential(head.loc, BatchNormMean(head.latent_dim, gamma))
+    return head
 
 
 def posterior_names() -> list[str]:

@@ -13,14 +13,15 @@ Which ``KL(q || p)`` the VAE gets in closed form (``kl_divergence``; pairs regis
 ``log q(z) - log p(z)`` at the posterior's own sample (unbiased, see tests/test_priors.py)::
 
     posterior (head)            q's type                  standard   ar1       made
-    diagonal                    Independent(Normal)       closed     MC        MC
+    diagonal                    Independent(Normal)       closed     closed    MC
     ar1, ar1-diag, isotropic    AR1Normal                 closed     closed    MC
     full                        MultivariateNormal        closed     MC        MC
     planar, iaf, BASE+FLOW      FlowPosterior             MC         MC        MC
     hierarchical (any family)   HierarchicalPosterior     per group, see rhovae.hierarchy
 
 "closed" means: AR1Normal vs StandardNormal / Independent(Normal) / MultivariateNormal / AR1Normal,
-MultivariateNormal vs Independent(Normal) (both in rhovae's kl.py), Independent(Normal) vs
+MultivariateNormal vs Independent(Normal), Independent(Normal) vs AR1Normal (all in rhovae's kl.py;
+the last one O(d), docs/math.md eq. 11), Independent(Normal) vs
 Independent(Normal) and MultivariateNormal vs MultivariateNormal (torch). A flow never has one (its
 density is known only at its own samples), and nothing is registered against :class:`MADENormal`.
 """
@@ -40,7 +41,16 @@ from rhovae.distributions.flows import made_masks
 from rhovae.errors import RhovaeError
 from rhovae.posteriors import RHO_BOUND
 
-__all__ = ["PRIORS", "AR1Prior", "MADENormal", "MADEPrior", "StandardNormalPrior", "make_prior"]
+__all__ = [
+    "PRIORS",
+    "AR1Prior",
+    "FixedAR1Prior",
+    "MADENormal",
+    "MADEPrior",
+    "StandardNormalPrior",
+    "committed_rate",
+    "make_prior",
+]
 
 
 class StandardNormalPrior(nn.Module):
@@ -69,6 +79,47 @@ class AR1Prior(nn.Module):
         return AR1Normal(
             loc, RHO_BOUND * torch.tanh(self.rho_pre), torch.exp(0.5 * self.log_var), validate_args=False
         )
+
+
+class FixedAR1Prior(nn.Module):
+    """A fixed AR(1) prior ``N(0, T(rho))``, ``T(rho)[j, k] = rho^|j-k|`` (unit marginal variance, no
+    parameters): the delta-VAE's committed rate (Razavi et al., ICLR 2019).
+
+    A factorised posterior cannot match a correlated prior: for the diagonal posterior,
+    ``KL(q || p) >= committed_rate(rho, latent_dim)`` nats for every ``mu`` and ``sigma`` the encoder
+    emits (docs/math.md eq. 12), so the latent code can never collapse to the prior. The KL is in closed
+    form, O(d), for the diagonal and AR(1) posteriors; an AR(1) posterior can reach 0 (it contains the
+    prior), so the committed rate binds factorised posteriors only.
+    """
+
+    def __init__(self, latent_dim: int, rho: float) -> None:
+        super().__init__()
+        self.latent_dim, self.rho = latent_dim, float(rho)
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    def forward(self) -> Distribution:
+        loc = torch.zeros(self.latent_dim, dtype=self._anchor.dtype, device=self._anchor.device)
+        rho = torch.full((1,), self.rho, dtype=loc.dtype, device=loc.device)
+        return AR1Normal(loc, rho, torch.ones_like(rho), validate_args=False)
+
+
+def committed_rate(rho: float, latent_dim: int) -> float:
+    """delta(rho): the least ``KL(N(mu, diag sigma^2) || N(0, T(rho)))`` over all ``mu``, ``sigma``, in nats.
+
+    ``1/2 [(d - 2) log(1 + rho^2) - log(1 - rho^2)]`` for ``d = latent_dim >= 2``, 0 for d = 1
+    (docs/math.md eq. 12), reached at ``mu = 0``, ``sigma_j^2 = 1 / (T(rho)^-1)_jj``. It is the KL a
+    diagonal posterior pays against :class:`FixedAR1Prior` whatever the encoder does (the delta-VAE's
+    committed rate, Razavi et al., ICLR 2019); e.g. ``committed_rate(0.95, 16)`` is about 5.666.
+    """
+    rho = float(rho)
+    if not -1.0 < rho < 1.0:
+        raise RhovaeError(f"the committed rate needs |rho| < 1, got {rho}")
+    if latent_dim < 1:
+        raise RhovaeError(f"latent_dim must be at least 1, got {latent_dim}")
+    if latent_dim == 1:
+        return 0.0
+    log_one_minus_rho_sq = math.log1p(-rho) + math.log1p(rho)  # (1 - rho)(1 + rho): no cancellation
+    return 0.5 * ((latent_dim - 2) * math.log1p(rho * rho) - log_one_minus_rho_sq)
 
 
 # --- a Gaussian autoregressive prior from a MADE (Germain et al. 2015) -------------------------------
@@ -176,9 +227,15 @@ class MADEPrior(nn.Module):
 PRIORS = {"standard": StandardNormalPrior, "ar1": AR1Prior, "made": MADEPrior}
 
 
-def make_prior(name: str, latent_dim: int) -> nn.Module:
+def make_prior(name: str, latent_dim: int, rho: float = 0.0) -> nn.Module:
     """The prior module ``name`` over ``latent_dim`` dimensions; called, it returns p(z) as a
-    Distribution (N(0, I), or a learned one whose parameters train with the model)."""
+    Distribution (N(0, I), or a learned one whose parameters train with the model). ``rho`` != 0 with
+    ``name = "ar1"``: the AR(1) prior with that fixed correlation and unit variance (the delta-VAE's
+    committed rate), not learned."""
     if name not in PRIORS:
         raise RhovaeError(f"unknown prior {name!r}; choose one of: {', '.join(sorted(PRIORS))}")
+    if rho:
+        if name != "ar1":
+            raise RhovaeError(f"a fixed correlation rho is for the ar1 prior, not {name!r}")
+        return FixedAR1Prior(latent_dim, rho)
     return PRIORS[name](latent_dim)

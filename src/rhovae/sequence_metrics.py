@@ -1,5 +1,6 @@
 """What a sequence VAE is scored by: reconstruction accuracy (whole sequences and tokens) and, for prior
-samples, validity under the set's rule, uniqueness and novelty (:func:`sequence_metrics`).
+samples, validity under the set's rule, uniqueness and novelty (:func:`sequence_metrics`); validity of
+the decodes along straight lines between the codes of two test sequences (:func:`interpolation_validity`).
 
 The sequences are those of :mod:`rhovae.data.sequences`; identity of two sequences (uniqueness, novelty)
 is equality of their :func:`~rhovae.data.sequences.to_text`.
@@ -8,7 +9,9 @@ is equality of their :func:`~rhovae.data.sequences.to_text`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from rhovae.data.sequences import (
@@ -23,7 +26,7 @@ from rhovae.data.sequences import (
 )
 from rhovae.errors import RhovaeError
 
-__all__ = ["sequence_metrics", "validity_rule"]
+__all__ = ["interpolation_validity", "sequence_metrics", "validity_rule"]
 
 
 def validity_rule(vocab: SequenceVocab) -> Callable[[list[str], list[float] | None], bool]:
@@ -103,3 +106,46 @@ def sequence_metrics(
     metrics["uniqueness"] = len(set(valid_texts)) / max(n_samples, 1)
     metrics["novelty"] = sum(t not in train_texts for t in valid_texts) / n_valid if n_valid else 0.0
     return metrics
+
+
+def _fraction_valid(decoded: Tensor, vocab: SequenceVocab, valid_fn: Callable[..., bool]) -> float:
+    rows = _as_numpy(decoded)
+    return sum(bool(valid_fn(*decode(row, vocab))) for row in rows) / max(len(rows), 1)
+
+
+@torch.no_grad()
+def interpolation_validity(
+    model: Any,
+    x: Any,
+    vocab: SequenceVocab,
+    *,
+    pairs: int = 100,
+    points: int = 8,
+    seed: int = 0,
+    batch_size: int = 1000,
+    is_valid: Callable[[list[str], list[float] | None], bool] | None = None,
+) -> float:
+    """The fraction of valid decodes along straight lines between the codes of two test sequences.
+
+    ``pairs`` pairs ``(i, j)`` of distinct examples of ``x`` (a split: ``len`` and slicing) are drawn with
+    ``seed`` (a CPU generator; the global random state is untouched); both are encoded to their posterior
+    means ``mu_i, mu_j``, and the ``points`` interior points ``z = (1 - t) mu_i + t mu_j``,
+    ``t = k / (points + 1)``, k = 1..points, are decoded greedily (``model.decode(z).mean``, as for the
+    reconstructions and prior samples of :func:`sequence_metrics`). The endpoints are left out: they are
+    the reconstructions, which the reconstruction accuracy scores. Validity is :func:`validity_rule`'s
+    (or ``is_valid``'s), the rule the prior samples' validity uses. Returns a fraction in [0, 1] of
+    ``pairs * points`` decodes; NaN for fewer than two examples. (A model without a latent decodes every
+    point to the same sequence.) The caller puts the model in eval mode.
+    """
+    n = len(x)
+    if n < 2 or pairs < 1 or points < 1:
+        return float("nan")
+    generator = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, n, (pairs,), generator=generator)
+    second = (first + torch.randint(1, n, (pairs,), generator=generator)) % n  # never the same example
+    means = torch.cat([model.posterior(x[s : s + batch_size]).mean for s in range(0, n, batch_size)])
+    first, second = first.to(means.device), second.to(means.device)
+    t = (torch.arange(1, points + 1, dtype=means.dtype, device=means.device) / (points + 1))[:, None, None]
+    z = ((1 - t) * means[first] + t * means[second]).transpose(0, 1).reshape(pairs * points, -1)
+    decoded = torch.cat([model.decode(z[s : s + batch_size]).mean for s in range(0, len(z), batch_size)])
+    return _fraction_valid(decoded.cpu(), vocab, is_valid or validity_rule(vocab))

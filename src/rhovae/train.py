@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from rhovae import distributed
+from rhovae.aggressive import AggressiveTraining
 from rhovae.config import RunConfig, to_toml
 from rhovae.data import Data, batch_bounds
 from rhovae.distributed import SINGLE, Cluster
@@ -155,6 +156,7 @@ class Run:
     step_model: nn.Module | None = None  # what a step calls: the DDP wrapper, or None (the model)
     fingerprint: str = ""  # of the training split (runs.data_fingerprint), recorded in checkpoints
     trackers: list = field(default_factory=list)  # rhovae.trackers.Tracker: TensorBoard, MLflow (rank 0)
+    aggressive: AggressiveTraining | None = None  # He et al.'s aggressive phase (cfg.aggressive)
 
     def rng_state(self) -> dict[str, Tensor]:
         state = {
@@ -184,12 +186,14 @@ class TrainResult:
     rank: int = 0  # this process's rank under torchrun: rank 0 writes the run folder
 
 
-def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Adam; the fused kernel where this torch and device have it (25% off a CPU epoch of the MLP)."""
+def make_optimizer(model: nn.Module | list, lr: float) -> torch.optim.Optimizer:
+    """Adam over a module's (or a list of) parameters; the fused kernel where this torch and device
+    have it (25% off a CPU epoch of the MLP)."""
+    parameters = list(model.parameters() if isinstance(model, nn.Module) else model)
     try:
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+        return torch.optim.Adam(parameters, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(model.parameters(), lr=lr)
+        return torch.optim.Adam(parameters, lr=lr)
 
 
 def train(
@@ -223,6 +227,10 @@ def train(
             raise RhovaeError(
                 f"--batch-size {cfg.batch_size} is the global batch and must split evenly over "
                 f"{cluster.world} processes; use a multiple of {cluster.world}"
+            )
+        if cfg.aggressive and cluster.world > 1:
+            raise RhovaeError(
+                "aggressive training runs in one process; drop --aggressive or launch one process"
             )
         ckpt = cluster.on_main(lambda: _open_run_dir(cfg, run_dir, resume, stack, overwrite))
         trackers: list = []
@@ -342,7 +350,7 @@ def make_run(
     if cfg.compile:
         for net in (model.encoder, model.decoder):
             net.compile()  # in place: parameter names and checkpoints stay as they are
-    return Run(
+    run = Run(
         cfg,
         Path(run_dir),
         model,
@@ -354,6 +362,9 @@ def make_run(
         pixels=torch.Generator(device=device).manual_seed(cfg.seed + 1),
         progress=progress,
     )
+    if cfg.aggressive:
+        run.aggressive = AggressiveTraining(model, make_optimizer, cfg.lr, cfg.seed)
+    return run
 
 
 def _autocast_networks(model: VAE, device: torch.device) -> None:
@@ -413,6 +424,8 @@ def _restore(run: Run, ckpt: dict[str, Any]) -> None:
         run.scheduler.load_state_dict(ckpt["scheduler"])
         run.set_rng_state(ckpt["rng"])
         _restore_rank_noise(run, ckpt)
+        if run.aggressive is not None:
+            run.aggressive.load_state_dict(ckpt["aggressive"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RhovaeError(
@@ -458,6 +471,8 @@ def _loop(run: Run) -> TrainResult:
                 row.update(
                     {f"{split}_{k}": v for k, v in terms.items() if k in ("loss", "recon", "kl", "mmd")}
                 )
+        if run.aggressive is not None:
+            _end_aggressive_epoch(run, row)
         row = cluster.broadcast(row)
         _check_finite_evaluation(run, epoch, row)
         row["lr"] = run.optimizer.param_groups[0]["lr"]
@@ -477,6 +492,20 @@ def _loop(run: Run) -> TrainResult:
     return TrainResult(
         run.run_dir, state.history, state.best_epoch, state.best_val, stopped_early, cluster.rank
     )
+
+
+def _end_aggressive_epoch(run: Run, row: dict[str, float]) -> None:
+    """The aggressive phase's epoch end: the validation MI decides whether it goes on; the row records
+    the MI, whether the phase was on and the encoder steps it has taken in all."""
+    from rhovae.evaluate import mutual_information
+
+    was_on = run.aggressive.on
+    if was_on:
+        mi = mutual_information(run.model, run.data.val)
+        run.aggressive.end_epoch(mi)
+        row["val_mutual_information"] = mi
+    row["aggressive"] = float(was_on)
+    row["encoder_steps"] = float(run.aggressive.inner_steps)
 
 
 def _check_finite_evaluation(run: Run, epoch: int, row: dict[str, float]) -> None:
@@ -528,9 +557,13 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
         # training progress for the KL warm-up, in the unit the config counts
         done = (epoch - 1) * n_batches + step - 1
         objective.progress = done if cfg.kl_warmup_unit == "steps" else done / n_batches
+        objective.total = cfg.epochs * (n_batches if cfg.kl_warmup_unit == "steps" else 1)
         b = len(xb)
         if b == 0:  # a last global batch smaller than the world: step on one example, weighted 0
             xb = data.train[:1]
+        aggressive = run.aggressive is not None and run.aggressive.on
+        if aggressive:  # the encoder catches up first (He et al.); the step below moves the decoder
+            run.aggressive.encoder_steps(step_model, model, objective, data, cfg.batch_size)
         out = step_model(xb)
         loss, extras = objective(out, model)
         if cluster.world == 1:
@@ -548,6 +581,8 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
             raise _diverged(epoch, step, out, extras, run, bad_rank)
         run.optimizer.zero_grad(set_to_none=True)
         step_loss.backward()
+        if aggressive:
+            run.aggressive.decoder_only()
         run.optimizer.step()
         if b == 0:
             continue
@@ -634,6 +669,7 @@ def _save_epoch(run: Run, improved: bool) -> None:
             "best_val": state.best_val,
             "best_epoch": state.best_epoch,
             "stale": state.stale,
+            **({"aggressive": run.aggressive.state_dict()} if run.aggressive is not None else {}),
         },
         run.run_dir / "last.pt",
     )

@@ -19,6 +19,7 @@ from rhovae.distributions.ar1 import (
     _ar1_mahalanobis,
     _ar1_precision_trace,
     _first_order_only,
+    _one_minus_rho_sq,
     _vecdot,
 )
 from rhovae.distributions.standard_normal import StandardNormal
@@ -178,6 +179,43 @@ def _kl_ar1_ar1(q: AR1Normal, p: AR1Normal) -> Tensor:
     mahalanobis = _ar1_mahalanobis((q.loc - p.loc) / p.scale, p.rho)
     log_det_p = _ar1_logdet(p.rho, p.scale, d)
     return 0.5 * (trace + mahalanobis - d + log_det_p - q.log_det_covariance)
+
+
+def _trace_precision_diagonal(rho: Tensor, ratio_sq: Tensor) -> Tensor:
+    """``tr(T(rho)^-1 diag(r^2)) = sum_j (T^-1)_jj r_j^2``: a diagonal matrix meets only the diagonal
+    of the tridiagonal precision (docs/math.md eq. 11).
+
+    ``(T^-1)_jj`` is ``1 / (1 - rho^2)`` at the two ends and ``(1 + rho^2) / (1 - rho^2)`` inside
+    (eq. 4); 1 for d = 1. ``rho`` is ``(..., 1)``, ``ratio_sq`` is ``r^2``, ``(..., d)``; returns ``(...)``.
+    """
+    if ratio_sq.shape[-1] == 1:
+        return ratio_sq[..., 0].expand(torch.broadcast_shapes(ratio_sq.shape[:-1], rho.shape[:-1]))
+    interior = ratio_sq[..., 1:-1].sum(-1, keepdim=True)
+    diagonal = ratio_sq.sum(-1, keepdim=True) + rho.pow(2) * interior
+    return (diagonal / _one_minus_rho_sq(rho))[..., 0]
+
+
+@register_kl(Independent, AR1Normal)
+def _kl_independent_ar1(q: Independent, p: AR1Normal) -> Tensor:
+    """KL from a diagonal Gaussian ``N(mu, diag sigma^2)`` to an AR(1) Gaussian, O(d) (docs/math.md eq. 11).
+
+    ``1/2 [tr(C_p^-1 diag sigma^2) + (mu - m)^T C_p^-1 (mu - m) - d + log det C_p - sum_j log sigma_j^2]``:
+    the trace through :func:`_trace_precision_diagonal`, the Mahalanobis term through the AR(1)
+    innovations (eq. 6), ``log det C_p`` from eq. 5. Against a fixed ``N(0, T(alpha))`` it is at least
+    the committed rate of eq. 12 (:func:`rhovae.priors.committed_rate`), whatever ``mu`` and ``sigma``.
+    """
+    base = q.base_dist
+    if not isinstance(base, Normal) or q.reinterpreted_batch_ndims != 1:
+        raise NotImplementedError("closed-form KL(Independent || AR1Normal) needs Independent(Normal, 1)")
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"KL between event shapes {tuple(q.event_shape)} and {tuple(p.event_shape)}")
+    d = p.latent_dim
+    std = base.scale
+    trace = _trace_precision_diagonal(p.rho, (std / p.scale).pow(2))
+    mahalanobis = _ar1_mahalanobis((base.loc - p.loc) / p.scale, p.rho)
+    log_det_p = _ar1_logdet(p.rho, p.scale, d)
+    log_det_q = 2 * std.log().sum(-1)
+    return 0.5 * (trace + mahalanobis - d + log_det_p - log_det_q)
 
 
 @register_kl(MultivariateNormal, Independent)

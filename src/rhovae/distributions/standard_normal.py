@@ -14,7 +14,8 @@ __all__ = ["StandardNormal"]
 
 
 class StandardNormal(Independent):
-    """``N(0, I_d)`` with event shape ``(d,)`` and empty batch shape.
+    """``N(0, I_d)`` with event shape ``(d,)`` and empty batch shape (d = 0: the prior of a model without a
+    latent, whose log-density is 0).
 
     Example:
         >>> prior = StandardNormal(10)
@@ -23,8 +24,8 @@ class StandardNormal(Independent):
     """
 
     def __init__(self, latent_dim: int, dtype: torch.dtype | None = None, device=None) -> None:
-        if latent_dim < 1:
-            raise ValueError(f"latent_dim must be positive, got {latent_dim}")
+        if latent_dim < 0:
+            raise ValueError(f"latent_dim must be >= 0, got {latent_dim}")
         loc = torch.zeros(latent_dim, dtype=dtype, device=device)
         super().__init__(Normal(loc, torch.ones_like(loc), validate_args=False), 1, validate_args=False)
 

@@ -50,9 +50,11 @@ class Experiment:
 
     def points(self) -> list[tuple[str, RunConfig, dict[str, Any]]]:
         """Every run of the grid as ``(run_id, resolved config, the grid values that made it)``, in a
-        stable order."""
+        stable order. Points that resolve to one run because a grid value does not apply to it (the
+        posterior of a model without a latent, ``latent_dim = 0``) are one run, listed once, with the
+        first point's values."""
         keys = list(self.grid)
-        runs = []
+        runs, seen = [], set()
         for values in itertools.product(*(self.grid[k] for k in keys)):
             settings = dict(self.run)
             for k, v in zip(keys, values, strict=True):
@@ -71,6 +73,13 @@ class Experiment:
             choices = {
                 k: (v if k in self.options else getattr(cfg, k)) for k, v in zip(keys, values, strict=True)
             }
+            if cfg.latent_dim == 0:  # the language model: its posterior is none, whatever the grid says
+                key = repr(sorted(cfg.to_dict().items()))
+                if key in seen:
+                    continue
+                seen.add(key)
+                if "posterior" in choices:
+                    choices["posterior"] = "none"
             runs.append((_run_id(keys, values, cfg), cfg, choices))
         ids = [r for r, _, _ in runs]
         if len(set(ids)) != len(ids):
