@@ -170,3 +170,44 @@ def test_grids_hold_one_language_model_per_seed():
     assert len(points) == 2 + 4
     with pytest.raises(RhovaeError):
         RunConfig(model="lstm", dataset="nas201", latent_dim=0, kl_cycles=2).validate()
+
+
+def test_validation_is_measured_at_the_target_beta(tmp_path):
+    run = tmp_path / "r"
+    argv = nas_run(run, "--latent-dim 4 --kl-cycles 2 --kl-warmup-unit steps --beta 1")
+    argv[argv.index("--epochs") + 1] = "4"
+    assert main(argv) == 0
+    for row in metrics(run):  # whatever beta training stood at, validation weighs the KL by beta = 1
+        assert float(row["val_loss"]) == pytest.approx(
+            float(row["val_recon"]) + float(row["val_kl"]), rel=1e-4
+        )
+
+
+@pytest.mark.parametrize("batch_size", ["1", "2"])
+def test_bn_vae_trains_on_batches_of_one_and_two(tmp_path, batch_size):
+    argv = nas_run(tmp_path / "r", "--latent-dim 3 --posterior diagonal --bn-gamma 0.5")
+    argv[argv.index("--limit") + 1] = "49"
+    argv[argv.index("--batch-size") + 1] = batch_size
+    assert main(argv) == 0
+
+
+def test_a_language_model_has_nothing_to_explore(tmp_path, capsys):
+    run = tmp_path / "lm"
+    assert main(nas_run(run, "--latent-dim 0")) == 0
+    capsys.readouterr()
+    assert main(["explore", str(run)]) == 2
+    assert "nothing to explore" in capsys.readouterr().err
+
+
+def test_the_lm_table_pairs_runs_when_latent_dim_is_a_grid_key():
+    from rhovae.experiments.grid import Experiment
+    from rhovae.experiments.report import _versus_language_model
+
+    exp = Experiment(name="x", grid={"latent_dim": [0, 8], "posterior": ["diagonal"], "seed": [0, 1]})
+    rows = [
+        {"latent_dim": d, "posterior": "none" if d == 0 else "diagonal", "seed": s, "iwae_nll": 10.0 + d + s,
+         "test_kl": 0.0, "active_units": 0, "_language_model": d == 0}
+        for d in (0, 8) for s in (0, 1)
+    ]  # fmt: skip
+    (entry,) = _versus_language_model(exp, rows, ["latent_dim"])
+    assert entry["iwae_nll"]["mean"] == pytest.approx(8.0) and entry["iwae_nll"]["n"] == 2

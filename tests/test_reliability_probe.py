@@ -529,3 +529,41 @@ def test_fit_resumes_only_on_the_data_it_was_trained_on(tmp_path):
 def test_run_config_defaults_are_within_their_bounds():
     cfg = RunConfig()
     assert all(getattr(cfg, name) <= most for name, most in SIZE_LIMITS.items())
+
+
+def test_a_users_config_toml_does_not_make_a_folder_a_run(data, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.toml").write_text("[tool]\nname = 'mine'\n")
+    (folder / "metrics.csv").write_text("a,b\n1,2\n")
+    for extra in ((), ("--overwrite",)):
+        assert main([*tiny(data, folder), *extra]) == 2
+        assert "holds no rhovae run" in one_line(capsys.readouterr().err)
+    assert (folder / "config.toml").read_text() == "[tool]\nname = 'mine'\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.toml", "metrics.csv"]
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(data, tmp_path, capsys):
+    run = tmp_path / "x"
+    assert main(tiny(data, run)) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    # a sequence model on image data is refused when the model is built, after the data loaded
+    assert main([*tiny(data, run), "--model", "lstm", "--overwrite"]) == 2
+    one_line(capsys.readouterr().err)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+def test_an_mlflow_server_that_fails_is_one_line(data, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("mlflow")
+    import rhovae.trackers as trackers
+
+    class Down:  # every call fails as against a server that is not there
+        def __getattr__(self, name):
+            def refused(*args, **kwargs):
+                raise ConnectionError("Connection refused")
+
+            return refused
+
+    monkeypatch.setattr(trackers, "_client", lambda uri: Down())
+    assert main([*tiny(data, tmp_path / "r"), "--mlflow", "http://127.0.0.1:9"]) == 2
+    assert "MLflow at http://127.0.0.1:9: Connection refused" in one_line(capsys.readouterr().err)

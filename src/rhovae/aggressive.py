@@ -9,9 +9,10 @@ alone. After each epoch the mutual information I(x; z) on the validation split i
 stops rising the phase ends and training goes on as usual (both parts in one step).
 
 The inner loop's stopping rule is He et al.'s: losses summed over blocks of 15 encoder steps, stop
-when a block's sum is no lower than the block before, and at most 100 steps. Everything it draws
-comes from its own generator, and its state (on/off, best MI, the encoder optimiser, the generator)
-travels in ``last.pt``, so a resumed run gives the numbers of an uninterrupted one.
+when a block's sum is no lower than the block before, and at most 100 steps. Its batches are drawn
+from its own generator (the reparameterisation noise and dynamic binarisation from the global one,
+as in any step); its state (on/off, best MI, the encoder optimiser, the generator) travels in
+``last.pt`` beside the global random state, so a resumed run gives the numbers of an uninterrupted one.
 """
 
 from __future__ import annotations

@@ -449,6 +449,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
     _check_seed(args.seed)
     model, cfg, _ = load_run(args.run, args.checkpoint, args.device)
+    if cfg.latent_dim == 0:
+        raise RhovaeError(f"{args.run} has no latent (latent-dim 0, a language model): nothing to explore")
     data = prepare_data(cfg, model.device)
     out = args.out or args.run / "explore"
     for path in explore(model, data, out, seed=args.seed):

@@ -373,6 +373,8 @@ class RunConfig(ModelConfig):
             from rhovae.model import hierarchy_groups
             from rhovae.posteriors import BN_HEADS
 
+            if self.kl_estimator != "exact":
+                raise RhovaeError("bn-gamma has no paper-legacy form; drop --kl-estimator paper-legacy")
             if self.posterior not in BN_HEADS or hierarchy_groups(self) != 1:
                 raise RhovaeError(
                     f"bn-gamma normalises the mean of a Gaussian posterior ({', '.join(BN_HEADS)}) of a flat "

@@ -6,6 +6,7 @@ An objective turns one pass's :class:`~rhovae.model.VAEOutput` into the scalar t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,16 @@ class Objective:
         # settings are validated where they enter (RunConfig.validate); this is the loss only
         self.progress = 0.0
         self.total = 1.0  # the training's length in progress units (the trainer sets it)
+
+    def at_target(self) -> Objective:
+        """This objective at its target β, without warm-up or cycles: what validation and test losses
+        are measured with, so that best.pt, early stopping and the learning-rate schedule compare
+        epochs on one scale (with β still rising or cycling, an early epoch would look better only
+        because its KL weighs less)."""
+        if self.warmup <= 0 and self.cycles <= 0:
+            return self
+        target = dataclasses.replace(self, warmup=0.0, cycles=0)
+        return target
 
     def kl_weight(self, progress: float | None = None) -> float:
         """``beta_t`` at ``progress`` (epochs or steps done; default: the last one set)."""

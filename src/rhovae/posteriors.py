@@ -202,7 +202,13 @@ class BatchNormMean(nn.Module):
 
     def forward(self, mu: Tensor) -> Tensor:
         flat = mu.reshape(-1, mu.shape[-1])
-        return (self.gamma * self.norm(flat) + self.shift).reshape(mu.shape)
+        if self.training and len(flat) == 1:  # one example has no batch statistics: the running ones
+            normed = torch.nn.functional.batch_norm(
+                flat, self.norm.running_mean, self.norm.running_var, training=False, eps=self.norm.eps
+            )
+        else:
+            normed = self.norm(flat)
+        return (self.gamma * normed + self.shift).reshape(mu.shape)
 
 
 def with_batchnorm_means(head: nn.Module, gamma: float) -> nn.Module:

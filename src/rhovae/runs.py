@@ -305,7 +305,22 @@ def is_rhovae_folder(folder: Path) -> bool:
         names = [p.name for p in Path(folder).iterdir()]
     except OSError:
         return False
-    return "config.toml" in names or all(n == ".lock" or _TEMPORARY.match(n) for n in names)
+    if "config.toml" in names:
+        return _is_rhovae_config(Path(folder) / "config.toml")
+    return all(n == ".lock" or _TEMPORARY.match(n) for n in names)
+
+
+def _is_rhovae_config(path: Path) -> bool:
+    """Whether ``path`` is a config.toml rhovae wrote (its first line), not a user's file of that name."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(CONFIG_HEADER)) == CONFIG_HEADER
+    except OSError:
+        return False
+
+
+#: the first line of every config.toml rhovae writes (rhovae.config.to_toml)
+CONFIG_HEADER = b"# rhovae run configuration"
 
 
 def _holder() -> tuple[int, int]:
@@ -424,8 +439,7 @@ def check_run_dir(
             )
         return None
     if overwrite:
-        remove_run_files(run_dir)
-        return None
+        return None  # the caller removes the old run's files once the new run is built
     if not last.exists():
         if (run_dir / "best.pt").exists():  # rhovae writes last.pt first: this run's last.pt was removed
             raise RhovaeError(
@@ -476,7 +490,9 @@ def data_fingerprint(split: Any, rows: int = 256) -> str:
     picks = sorted({round(i * (n - 1) / max(1, rows - 1)) for i in range(min(n, rows))})
     sample = split[torch.tensor(picks, dtype=torch.long)] if picks else split[:0]
     h = hashlib.sha256(repr((n, tuple(split.shape[1:]))).encode())
-    h.update(sample.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    # rounded: a resume on another device may prepare (resize) the same rows with last-bit differences
+    values = sample.detach().to("cpu", torch.float32).contiguous().numpy().round(4)
+    h.update(values.tobytes())
     return h.hexdigest()[:32]
 
 

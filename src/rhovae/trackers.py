@@ -156,7 +156,18 @@ class MLflowTracker(Tracker):
     one. A resumed rhovae run continues its MLflow run (the id is kept in ``RUN/mlflow.json``)."""
 
     def __init__(self, uri: str, run_dir: Path, config: dict[str, Any], experiment: str = TRAIN_EXPERIMENT):
-        self.client, self.run_dir = _client(uri), Path(run_dir)
+        self.uri, self.failed = uri, False
+        try:
+            self._open(uri, Path(run_dir), config, experiment)
+        except RhovaeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a server that is down, a URI MLflow refuses, ...
+            raise RhovaeError(
+                f"MLflow at {uri}: {_first_line(e)}; check the tracking URI or drop --mlflow"
+            ) from None
+
+    def _open(self, uri: str, run_dir: Path, config: dict[str, Any], experiment: str) -> None:
+        self.client, self.run_dir = _client(uri), run_dir
         record = self.run_dir / MLFLOW_RECORD
         self.run_id = None
         if is_regular_file(record):
@@ -183,6 +194,19 @@ class MLflowTracker(Tracker):
         else:
             self.client.update_run(self.run_id, status="RUNNING")
 
+    def _guarded(self, what: str, call) -> None:
+        """MLflow going away in the middle of a run costs the mirror, never the run: one warning, then
+        nothing more is sent (the run folder keeps everything)."""
+        if self.failed:
+            return
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001
+            self.failed = True
+            log.warning(
+                "MLflow at %s: %s failed (%s); the run goes on without it", self.uri, what, _first_line(e)
+            )
+
     def _metrics(self, values: dict[str, Any], step: int, prefix: str = "") -> None:
         from mlflow.entities import Metric
 
@@ -192,9 +216,15 @@ class MLflowTracker(Tracker):
             self.client.log_batch(self.run_id, metrics=metrics)
 
     def epoch(self, epoch: int, row: dict[str, float], model: Any, data: Any, seed: int) -> None:
-        self._metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        self._guarded(
+            "logging epoch metrics",
+            lambda: self._metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch),
+        )
 
     def finish(self, run_dir: Path, config: dict[str, Any], history: list[dict[str, float]]) -> None:
+        self._guarded("logging artifacts", self._finish)
+
+    def _finish(self) -> None:
         for name in ("config.toml", "metrics.csv", "samples.png", "reconstructions.png", "loss_curves.png",
                      "samples.txt", "reconstructions.txt"):  # fmt: skip
             if is_regular_file(self.run_dir / name):
@@ -202,22 +232,40 @@ class MLflowTracker(Tracker):
         self.client.set_terminated(self.run_id)
 
     def evaluation(self, run_dir: Path, record: dict[str, Any]) -> None:
+        self._guarded("logging the evaluation", lambda: self._evaluation(record))
+
+    def _evaluation(self, record: dict[str, Any]) -> None:
         self._metrics(record, step=int(record.get("epoch", 0) or 0), prefix="eval_")
         if is_regular_file(self.run_dir / "evaluation.json"):
             self.client.log_artifact(self.run_id, str(self.run_dir / "evaluation.json"))
         self.client.set_terminated(self.run_id)
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def log_report(uri: str, experiment: str, out: Path) -> str:
     """The report of a ``compare`` (report.md, report.json, runs.csv and its pictures) as the artifacts
-    of an MLflow run named ``report`` in the grid's experiment; returns its run id."""
-    client = _client(uri)
-    run = client.create_run(_experiment_id(client, experiment), run_name="report")
-    for path in sorted(Path(out).iterdir()):
-        if path.name in ("report.md", "report.json", "runs.csv", "experiment.json") or path.suffix == ".png":
-            if is_regular_file(path):
-                client.log_artifact(run.info.run_id, str(path))
-    client.set_terminated(run.info.run_id)
+    of an MLflow run named ``report`` in the grid's experiment; returns its run id ("" when MLflow
+    failed: the report on disk is complete, so that is a warning, not an error)."""
+    try:
+        client = _client(uri)
+        run = client.create_run(_experiment_id(client, experiment), run_name="report")
+        for path in sorted(Path(out).iterdir()):
+            if (
+                path.name in ("report.md", "report.json", "runs.csv", "experiment.json")
+                or path.suffix == ".png"
+            ):
+                if is_regular_file(path):
+                    client.log_artifact(run.info.run_id, str(path))
+        client.set_terminated(run.info.run_id)
+    except RhovaeError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        log.warning("MLflow at %s: logging the report failed (%s); it is in %s", uri, _first_line(e), out)
+        return ""
     return run.info.run_id
 
 

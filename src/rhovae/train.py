@@ -67,6 +67,7 @@ from rhovae.runs import (
     pick_device,
     prepare_data,
     progress_bar,
+    remove_run_files,
     save_atomic,
     versions,
     write_text_atomic,
@@ -255,12 +256,6 @@ def train(
                 log.info(
                     "training on %d processes (%s), %d examples each per step", cluster.world, device, share
                 )
-            write_text_atomic(run_dir / "config.toml", to_toml(cfg))
-            from rhovae.trackers import open_trackers
-
-            trackers = open_trackers(run_dir, cfg.to_dict(), tensorboard, mlflow, mlflow_experiment)
-            for tracker in trackers:
-                stack.callback(tracker.close)
         if device.type == "cuda":
             stack.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
@@ -268,7 +263,16 @@ def train(
         torch.manual_seed(cfg.seed)
         run = make_run(cfg, data, run_dir, encoder, decoder, progress and cluster.main)
         run.cluster = cluster
-        run.trackers = trackers if cluster.main else []
+        if cluster.main:  # the new run is built: only now may it replace the old one (--overwrite)
+            if overwrite and ckpt is None:
+                remove_run_files(run_dir)
+            write_text_atomic(run_dir / "config.toml", to_toml(cfg))
+            from rhovae.trackers import open_trackers
+
+            trackers = open_trackers(run_dir, cfg.to_dict(), tensorboard, mlflow, mlflow_experiment)
+            for tracker in trackers:
+                stack.callback(tracker.close)
+        run.trackers = trackers
         if cluster.main and "vocab" in data.meta and cfg.model in MODELS and not MODELS[cfg.model].likelihood:
             log.warning(  # after the model was built: a model that refuses the data says so instead
                 "note: %s is sequence data; the %s model reads each padded one-hot sequence as one "
@@ -467,7 +471,7 @@ def _loop(run: Run) -> TrainResult:
         row = train_epoch(run, epoch)
         if cluster.main:  # evaluation on rank 0 alone: see the module's docstring
             for split in ("val", "test"):
-                terms = elbo_terms(run.model, getattr(run.data, split), objective=run.objective)
+                terms = elbo_terms(run.model, getattr(run.data, split), objective=run.objective.at_target())
                 row.update(
                     {f"{split}_{k}": v for k, v in terms.items() if k in ("loss", "recon", "kl", "mmd")}
                 )

@@ -40,9 +40,10 @@ _MAX_IDX_BYTES = 2**48
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an IDX file (plain or ``.gz``), validating its magic number, dimensions and length.
 
-    Memory is bounded by the file's real content, never by what its header claims: a plain file's size
-    is checked against the header before any data is read, and a large ``.gz`` is first decompressed
-    without keeping anything, to count what it really holds. The data is then read once into one
+    Memory is bounded by the file's real content, not by what its header claims: a plain file's size
+    is checked against the header before any data is read, and a ``.gz`` whose header claims more than
+    256 MiB is first decompressed without keeping anything, to count what it really holds (a smaller
+    claim is allocated as it is). The data is then read once into one
     buffer of exactly its size. A header that the content does not match, or data larger than this
     machine's memory, is one :class:`RhovaeError` naming the file, before anything large is allocated.
     """

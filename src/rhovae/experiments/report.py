@@ -313,7 +313,7 @@ def _versus_language_model(exp: Experiment, rows: list[dict[str, Any]], setup_ke
     lms = [r for r in rows if r["_language_model"]]
     if not lms:
         return []
-    match = [k for k in setup_keys if k not in exp.options]
+    match = [k for k in setup_keys if k not in exp.options and k != "latent_dim"]
     lm_of = {(tuple(r[k] for k in match), r.get("seed")): r for r in lms}
     groups: dict[tuple, list[tuple[dict, dict]]] = {}
     for r in rows:
