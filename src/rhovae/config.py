@@ -15,7 +15,7 @@ from typing import Any
 
 from rhovae.data import PIXEL_MODES
 from rhovae.errors import RhovaeError
-from rhovae.files import require_regular_file
+from rhovae.files import read_toml_text
 from rhovae.legacy import LEGACY_POSTERIORS
 from rhovae.model import MODELS, ModelConfig, _help
 
@@ -472,23 +472,21 @@ def load_config(path: str | Path) -> RunConfig:
     """A :class:`RunConfig` from a TOML file (keys spelled with ``-`` or ``_``; unknown keys, wrong
     types, a key given twice and files that are not regular files are one-line errors)."""
     path = Path(path)
-    try:
-        require_regular_file(path, "a TOML config")
-        # utf-8-sig: a byte-order mark (as some Windows editors write) is not part of the text
-        values = tomllib.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise RhovaeError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise RhovaeError(f"{path}: is a folder; give a TOML file") from None
-    except UnicodeDecodeError:
-        raise RhovaeError(f"{path}: not UTF-8 text; a config is a TOML file") from None
-    except OSError as e:
-        raise RhovaeError(f"{path}: cannot read ({e.strerror})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise RhovaeError(f"{path}: not valid TOML ({e})") from None
-    except RecursionError:
-        raise RhovaeError(f"{path}: nested too deeply to be a rhovae config") from None
+    values = parse_toml(
+        read_toml_text(path, "a config", "config file not found"), str(path), "a rhovae config"
+    )
     return from_dict(values, where=str(path))
+
+
+def parse_toml(text: str, where: str, what: str) -> dict[str, Any]:
+    """``text`` parsed as TOML; invalid TOML, or nesting deep enough to exhaust the parser's recursion,
+    is one :class:`RhovaeError` line naming ``where``."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RhovaeError(f"{where}: not valid TOML ({e})") from None
+    except RecursionError:  # tomllib recurses once per level of nesting
+        raise RhovaeError(f"{where}: nested too deeply to be {what}") from None
 
 
 # TOML basic strings: these characters have short escapes; every other control character is \\uXXXX

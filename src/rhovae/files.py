@@ -16,7 +16,7 @@ from typing import Any
 
 from rhovae.errors import RhovaeError
 
-__all__ = ["is_regular_file", "require_regular_file", "strict_json"]
+__all__ = ["is_regular_file", "read_toml_text", "require_regular_file", "strict_json"]
 
 
 def is_regular_file(path: Path) -> bool:
@@ -57,3 +57,20 @@ def _finite_or_none(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite_or_none(v) for v in obj]
     return obj
+
+
+def read_toml_text(path: Path, what: str, missing: str) -> str:
+    """The text of the TOML file ``path`` (``what``: "a config", "an experiment"): UTF-8, a byte-order
+    mark (as some Windows editors write) dropped. A missing file (``missing`` says what to do), a folder,
+    a FIFO, bytes that are not UTF-8 and any other read error are one :class:`RhovaeError` line."""
+    try:
+        require_regular_file(path, f"{what} TOML file")
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise RhovaeError(f"{path}: {missing}") from None
+    except IsADirectoryError:
+        raise RhovaeError(f"{path}: is a folder; give a TOML file") from None
+    except UnicodeDecodeError:
+        raise RhovaeError(f"{path}: not UTF-8 text; {what} is a TOML file") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        raise RhovaeError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None

@@ -17,9 +17,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rhovae.config import RunConfig, from_dict, tomllib
+from rhovae.config import RunConfig, from_dict, parse_toml
 from rhovae.errors import RhovaeError
-from rhovae.files import require_regular_file
+from rhovae.files import read_toml_text
 
 log = logging.getLogger(__name__)
 
@@ -153,24 +153,11 @@ def load_experiment(source: str | Path) -> Experiment:
         where = f"preset {source}"
     else:
         path = Path(source)
-        try:
-            require_regular_file(path, "an experiment TOML file")
-            text = path.read_text(encoding="utf-8-sig")
-        except FileNotFoundError:
-            raise RhovaeError(f"{path}: no such experiment file (presets: {', '.join(PRESETS)})") from None
-        except IsADirectoryError:
-            raise RhovaeError(f"{path}: is a folder; give an experiment TOML file") from None
-        except UnicodeDecodeError:
-            raise RhovaeError(f"{path}: not UTF-8 text; an experiment is a TOML file") from None
-        except (OSError, ValueError) as e:  # ValueError: a NUL in the name
-            raise RhovaeError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        text = read_toml_text(
+            path, "an experiment", f"no such experiment file (presets: {', '.join(PRESETS)})"
+        )
         where = str(path)
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise RhovaeError(f"{where}: not valid TOML ({e})") from None
-    except RecursionError:
-        raise RhovaeError(f"{where}: nested too deeply to be an experiment") from None
+    raw = parse_toml(text, where, "an experiment")
     unknown = set(raw) - _SECTIONS
     if unknown:
         raise RhovaeError(f"{where}: unknown section or key {sorted(unknown)[0]!r}")
