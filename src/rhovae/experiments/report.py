@@ -163,6 +163,7 @@ def write_report(exp: Experiment, out: str | Path, wall_seconds: float | None = 
         "machine": machine,
         "wall_seconds": wall_seconds,
         "compute_seconds": _compute_seconds(rows),
+        "grid_runs": len(exp.points()),  # after merging points that are one run (a language model's)
         "runs": clean,
         "summary": summary,
         "paired": paired,
@@ -425,7 +426,7 @@ def print_summary(report_path: Path, stream=sys.stdout) -> None:
         summary, paired = report["summary"], report["paired"]
         runs = len(report["runs"])
         grid = report["experiment"]["grid"]
-        total = math.prod(len(v) for v in grid.values())
+        total = report.get("grid_runs") or math.prod(len(v) for v in grid.values())
     except (OSError, ValueError, KeyError, TypeError) as e:
         text = getattr(e, "strerror", None) or str(e) or type(e).__name__
         raise RhovaeError(
