@@ -63,8 +63,9 @@ def main() -> None:
     base = dict(model="lstm", dataset="words", hidden=args.hidden, batch_size=args.batch_size, device="cpu",
                 limit=args.limit, pictures=False)  # fmt: skip
     data = load_data("words", limit=args.limit or None)
+    machine = machine_name(torch.device("cpu"))
     print(
-        f"# {machine_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, Python "
+        f"# {machine}, torch {torch.__version__}, {torch.get_num_threads()} threads, Python "
         f"{platform.python_version()}; words: {len(data.train):,} training sequences, hidden {args.hidden}, "
         f"latent {args.latent_dim}, batch {args.batch_size}"
     )
