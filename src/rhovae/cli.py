@@ -304,7 +304,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     cfg = result["config"]
     print(
-        f"{args.run} ({cfg['posterior']}, {cfg['dataset']}, likelihood {cfg['likelihood']}, "
+        f"{args.run} ({cfg['posterior'] if cfg['latent_dim'] else 'no latent'}, {cfg['dataset']}, "
+        f"likelihood {cfg['likelihood']}, "
         f"{result['test_images']} test examples, {args.checkpoint}.pt epoch {result['epoch']})"
     )
     if cfg["kl_estimator"] != "exact":
