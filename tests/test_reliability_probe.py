@@ -328,18 +328,6 @@ def test_10_a_memory_mapped_npy_cut_short_while_training_is_an_error_not_a_sigbu
     assert "ERROR" in proc.stdout and "cut short" in proc.stdout, proc.stdout
 
 
-def test_10_gathers_from_the_file_equal_gathers_from_the_map(tmp_path):
-    from rhovae.data.core import _FileRows
-
-    array = np.random.default_rng(1).integers(0, 255, (500, 7, 3), dtype=np.uint8)
-    np.save(tmp_path / "a.npy", array)
-    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
-    reader = _FileRows.of(mapped)
-    assert reader is not None
-    for rows in ([0], [499], [3, 4, 5, 9, 1, 1, 2], list(range(500)), list(range(499, -1, -7)), []):
-        assert np.array_equal(reader.take(np.array(rows, dtype=np.int64)), array[rows])
-
-
 def test_11_infovae_trains_when_the_last_batch_would_hold_one_example(data, tmp_path):
     # 301 training examples in batches of 100: the last batch would hold one (BatchNorm, MMD)
     argv = tiny(data, tmp_path / "run", 1, "--model", "infovae")

@@ -9,7 +9,6 @@ same indices they return the same values.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -68,7 +67,6 @@ class ArraySplit:
         self.preprocessing = preprocessing
         self.device = torch.device(device)
         self.seed = seed
-        self._reader = _FileRows.of(array)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -97,7 +95,7 @@ class ArraySplit:
                 positions.nonzero()[:, 0] if positions.dtype == torch.bool else positions.long().reshape(-1)
             )
         rows = self.rows[positions.numpy()]
-        raw = torch.from_numpy(self._reader.take(rows) if self._reader else _gather(self.array, rows))
+        raw = torch.from_numpy(_gather(self.array, rows))
         x = self.preprocessing.prepare(raw, self.layout, self.device)
         if self.seed is not None:
             x = fixed_binarisation(x, positions, self.seed)
@@ -117,8 +115,10 @@ Split = Tensor | ArraySplit
 
 
 def _gather(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``array[rows]``; for a memory map that :class:`_FileRows` cannot read (Fortran order, a view),
-    its file's size is checked first, so a file cut short while training is an error, not a SIGBUS."""
+    """``array[rows]``; for a memory map its file's size is checked first, so a file cut short while
+    training is an error at the next batch, not a SIGBUS. (Reading rows with ``pread`` instead closes
+    the remaining window, the gather itself, but cost 3.5x the gather time; measured with
+    benchmarks/bench_data.py.)"""
     filename = getattr(array, "filename", None)
     if isinstance(array, np.memmap) and filename:
         try:
@@ -135,68 +135,6 @@ def _truncated(path: str, size: int, need: int) -> RhovaeError:
         f"{path} was cut short while rhovae read it ({size} of {need} bytes); restore the file and "
         "continue with --resume"
     )
-
-
-class _FileRows:
-    """Rows of a C-ordered memory-mapped array read with ``os.pread`` instead of through the map.
-
-    A map whose file is truncated (by another process, while training) kills the reader with SIGBUS, no
-    message and no chance to clean up; a read of a short file just returns fewer bytes, which becomes a
-    one-line error. Consecutive rows are read in one call."""
-
-    def __init__(self, path: str, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-        self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
-        self.row_bytes = dtype.itemsize * math.prod(shape[1:])
-        self._fd: int | None = None
-
-    @classmethod
-    def of(cls, array: np.ndarray) -> _FileRows | None:
-        """A reader for ``array`` when it is a whole C-ordered map of a file (else None)."""
-        import mmap
-
-        if (
-            isinstance(array, np.memmap)
-            and isinstance(array.base, mmap.mmap)
-            and getattr(array, "filename", None)
-            and array.flags.c_contiguous
-            and hasattr(os, "pread")
-        ):
-            return cls(str(array.filename), int(array.offset), array.dtype, tuple(array.shape))
-        return None
-
-    def __getstate__(self) -> dict[str, Any]:  # a copy (e.g. in another process) opens its own file
-        return {**self.__dict__, "_fd": None}
-
-    def __del__(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
-        if len(rows) == 0 or self.row_bytes == 0:
-            return out
-        if self._fd is None:
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError as e:
-                raise RhovaeError(f"{self.path}: cannot read the data file ({e.strerror})") from None
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        starts = np.flatnonzero(np.diff(rows, prepend=rows[0] - 2) != 1)  # runs of consecutive rows
-        ends = np.append(starts[1:], len(rows))
-        rb = self.row_bytes
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-            want, at = (b - a) * rb, self.offset + int(rows[a]) * rb
-            got = os.preadv(self._fd, [view[a * rb : b * rb]], at) if hasattr(os, "preadv") else None
-            if got is None:
-                data = os.pread(self._fd, want, at)
-                view[a * rb : a * rb + len(data)] = data
-                got = len(data)
-            if got != want:
-                size = os.fstat(self._fd).st_size
-                raise _truncated(self.path, size, self.offset + self.shape[0] * rb)
-        return out
 
 
 @dataclass
