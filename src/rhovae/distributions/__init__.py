@@ -2,7 +2,16 @@
 
 from rhovae.distributions import kl  # noqa: F401  (registers the KL pairs)
 from rhovae.distributions.ar1 import AR1Normal, ar1_filter
+from rhovae.distributions.ar1_2d import SeparableAR1Normal
 from rhovae.distributions.kl import kl_ar1_standard_normal
+from rhovae.distributions.latent_map import LatentMap
 from rhovae.distributions.standard_normal import StandardNormal
 
-__all__ = ["AR1Normal", "StandardNormal", "ar1_filter", "kl_ar1_standard_normal"]
+__all__ = [
+    "AR1Normal",
+    "LatentMap",
+    "SeparableAR1Normal",
+    "StandardNormal",
+    "ar1_filter",
+    "kl_ar1_standard_normal",
+]

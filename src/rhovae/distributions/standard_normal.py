@@ -7,6 +7,8 @@ the prior is standard without inspecting (and synchronising on) its parameters.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.distributions import Independent, Normal
 
@@ -15,7 +17,8 @@ __all__ = ["StandardNormal"]
 
 class StandardNormal(Independent):
     """``N(0, I_d)`` with event shape ``(d,)`` and empty batch shape (d = 0: the prior of a model without a
-    latent, whose log-density is 0).
+    latent, whose log-density is 0); ``StandardNormal((C, H, W))``: the same over a latent map, event
+    shape ``(C, H, W)``.
 
     Example:
         >>> prior = StandardNormal(10)
@@ -23,16 +26,20 @@ class StandardNormal(Independent):
         tensor([0., 0., 0., 0.])
     """
 
-    def __init__(self, latent_dim: int, dtype: torch.dtype | None = None, device=None) -> None:
-        if latent_dim < 0:
-            raise ValueError(f"latent_dim must be >= 0, got {latent_dim}")
-        loc = torch.zeros(latent_dim, dtype=dtype, device=device)
-        super().__init__(Normal(loc, torch.ones_like(loc), validate_args=False), 1, validate_args=False)
+    def __init__(
+        self, latent_dim: int | tuple[int, ...], dtype: torch.dtype | None = None, device=None
+    ) -> None:
+        shape = (latent_dim,) if isinstance(latent_dim, int) else tuple(latent_dim)
+        if not shape or min(shape) < 0:
+            raise ValueError(f"latent_dim must be >= 0 (or a shape of such sizes), got {latent_dim}")
+        loc = torch.zeros(shape, dtype=dtype, device=device)
+        base = Normal(loc, torch.ones_like(loc), validate_args=False)
+        super().__init__(base, len(shape), validate_args=False)
 
     @property
     def latent_dim(self) -> int:
-        """The latent dimension d."""
-        return self.event_shape[0]
+        """The number of latent units d (``C * H * W`` over a map)."""
+        return math.prod(self.event_shape)
 
     def expand(self, batch_shape, _instance=None):
         # Independent.expand would return an Independent; a standard normal stays one.
