@@ -263,6 +263,7 @@ class RunConfig(ModelConfig):
         else:
             check_dataset_name(self.dataset)
         self._check_latent_and_remedies()
+        self._check_latent_map()
         if self.kl_estimator == "paper-legacy" and self.posterior not in LEGACY_POSTERIORS:
             raise RhovaeError(
                 f"kl-estimator paper-legacy exists for the {' and '.join(LEGACY_POSTERIORS)} posteriors, "
@@ -386,6 +387,61 @@ class RunConfig(ModelConfig):
             raise RhovaeError(
                 f"aggressive training (He et al.) follows the ELBO; this run's objective is {objective}: "
                 "drop --aggressive or use --objective elbo"
+            )
+
+    def _check_latent_map(self) -> None:
+        """A spatial latent map (``--latent-shape C,H,W``): the models, families and priors that have a
+        form over a map; the flat ones that need a vector are refused in one line each."""
+        from rhovae.model import MAP_MODELS, parse_latent_shape
+        from rhovae.posteriors import FULL_MAP_MAX_UNITS, MAP_HEADS, MAP_ONLY
+        from rhovae.priors import MAP_PRIORS
+
+        shape = parse_latent_shape(self.latent_shape)
+        if shape is None:
+            if self.posterior in MAP_ONLY:
+                raise RhovaeError(
+                    f"posterior {self.posterior} is a family over latent maps: add --latent-shape C,H,W "
+                    "(e.g. 8,7,7 with --model cnn) or choose a flat family such as ar1"
+                )
+            if self.prior == "ar1-2d":
+                raise RhovaeError(
+                    "prior ar1-2d is over latent maps: add --latent-shape C,H,W (with --model cnn) or "
+                    "choose another prior"
+                )
+            return
+        if self.model not in MAP_MODELS:
+            raise RhovaeError(
+                f"a latent map (--latent-shape) needs a convolutional model ({', '.join(MAP_MODELS)}), "
+                f"not {self.model}: use --model cnn or drop --latent-shape"
+            )
+        units = shape[0] * shape[1] * shape[2]
+        if units > SIZE_LIMITS["latent_dim"]:
+            raise RhovaeError(
+                f"latent-shape {self.latent_shape} has {units} units, more than {SIZE_LIMITS['latent_dim']}"
+            )
+        self.latent_dim = units
+        self.latent_shape = ",".join(map(str, shape))
+        if self.posterior not in MAP_HEADS and not (self.posterior == "full" and units <= FULL_MAP_MAX_UNITS):
+            extra = f" or full (up to {FULL_MAP_MAX_UNITS} units)"
+            raise RhovaeError(
+                f"posterior {self.posterior} has no form over a latent map of {units} units; choose one of: "
+                f"{', '.join(sorted(MAP_HEADS))}{extra}"
+            )
+        if self.prior not in MAP_PRIORS or self.prior_rho:
+            raise RhovaeError(
+                f"prior {self.prior}{' with prior-rho' if self.prior_rho else ''} has no form over a latent "
+                f"map; choose one of: {', '.join(MAP_PRIORS)}"
+            )
+        others = [
+            (self.latent_groups != 1 or bool(self.group_sizes.strip()), "latent groups"),
+            (self.bn_gamma > 0, "bn-gamma"),
+            (self.kl_estimator != "exact", "kl-estimator paper-legacy"),
+        ]
+        given = [what for bad, what in others if bad]
+        if given:
+            raise RhovaeError(
+                f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for flat latents; drop "
+                f"{'it' if len(given) == 1 else 'them'} or --latent-shape"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -37,8 +37,10 @@ from rhovae.nets import (
     DCGANEncoder,
     MLPDecoder,
     MLPEncoder,
+    SpatialConvDecoder,
+    SpatialConvEncoder,
 )
-from rhovae.posteriors import make_head, posterior_names, with_batchnorm_means
+from rhovae.posteriors import make_head, make_map_head, posterior_names, with_batchnorm_means
 from rhovae.priors import PRIORS, make_prior
 
 __all__ = ["MODELS", "VAE", "Backbone", "ModelConfig", "VAEOutput", "build_model", "kl_term"]
@@ -104,8 +106,13 @@ class VAE(nn.Module):
 
     @property
     def latent_dim(self) -> int:
-        """The latent dimension d."""
+        """The latent dimension d (``C * H * W`` units for a latent map)."""
         return self.head.latent_dim
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """The event shape of z: ``(d,)``, or ``(C, H, W)`` for a latent map."""
+        return tuple(getattr(self.head, "latent_shape", (self.latent_dim,)))
 
     @property
     def device(self) -> torch.device:
@@ -137,11 +144,12 @@ class VAE(nn.Module):
         return self.head(self.encoder(x))
 
     def encode(self, x: Any) -> Distribution:
-        """``q(z|x)``, batch shape ``(B,)``, event shape ``(d,)``; raw inputs are prepared first."""
+        """``q(z|x)``, batch shape ``(B,)``, event shape ``(d,)`` (``(C, H, W)`` for a latent map); raw
+        inputs are prepared first."""
         return self.posterior(self.prepare(x))
 
     def decode(self, z: Tensor) -> Distribution:
-        """``p(x|z)`` for ``z (N, d)``: batch shape ``(N,)``, event shape ``data_shape``."""
+        """``p(x|z)`` for ``z (N, d)`` or ``(N, C, H, W)``: batch shape ``(N,)``, event shape ``data_shape``."""
         out = self.decoder(z)
         return out if isinstance(out, Distribution) else self.likelihood(out)
 
@@ -190,7 +198,7 @@ class VAE(nn.Module):
             m = min(chunk, k - done)
             z = q.sample((m,))  # (m, B, d)
             x_rep = x.unsqueeze(0).expand((m,) + x.shape).reshape((m * batch,) + x.shape[1:])
-            log_px_z = self.decode(z.reshape(m * batch, -1)).log_prob(x_rep).view(m, batch)
+            log_px_z = self.decode(z.reshape(m * batch, *self.latent_shape)).log_prob(x_rep).view(m, batch)
             log_w = log_px_z + p.log_prob(z) - q.log_prob(z)
             total = torch.logaddexp(total, torch.logsumexp(log_w, dim=0))
             done += m
@@ -289,7 +297,18 @@ class ModelConfig:
     latent_dim: int = field(
         default=10,
         metadata=_help(
-            "size d of the latent vector; 0 (--model lstm): no latent, the language-model baseline"
+            "size d of the latent vector; 0 (--model lstm): no latent, the language-model baseline; "
+            "with --latent-shape it is set to C*H*W"
+        ),
+    )
+    latent_shape: str = field(
+        default="",
+        metadata=_help(
+            "a spatial latent map C,H,W instead of a vector (--model cnn), e.g. 8,7,7 or 16,4,4 for 28x28 "
+            "images: the encoder ends in convolutions that give each position's posterior, the decoder "
+            "starts from the map; posteriors diagonal, ar1-2d, ar1-2d-diag (separable 2-D AR(1) per "
+            "channel), ar1/ar1-diag/isotropic (per channel, along the raster order), full (small maps); "
+            "priors standard or ar1-2d"
         ),
     )
     hidden: int = field(
@@ -371,7 +390,27 @@ def _mlp(cfg: ModelConfig, shape: tuple[int, ...], meta: dict[str, Any]) -> tupl
 
 def _cnn(cfg: ModelConfig, shape: tuple[int, ...], meta: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
     shape = _image_shape("cnn", shape)
+    latent_shape = parse_latent_shape(cfg.latent_shape)
+    if latent_shape is not None:
+        return SpatialConvEncoder(shape, latent_shape), SpatialConvDecoder(latent_shape, shape)
     return ConvEncoder(shape, cfg.hidden), ConvDecoder(cfg.latent_dim, shape)
+
+
+#: the backbones that take a spatial latent map (``--latent-shape``)
+MAP_MODELS = ("cnn",)
+
+
+def parse_latent_shape(text: str) -> tuple[int, int, int] | None:
+    """``"C,H,W"`` as a shape of three positive integers; ``""``: None (a flat latent)."""
+    if not text.strip():
+        return None
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise RhovaeError(f"latent-shape must be three positive integers C,H,W such as 8,7,7, got {text!r}")
+    return shape  # type: ignore[return-value]
 
 
 def _betavae(cfg: ModelConfig, shape: tuple[int, ...], meta: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
@@ -512,6 +551,17 @@ def build_model(
             encoder, decoder = MODELS[cfg.model].build(cfg, data_shape, meta or {})
     if cfg.latent_dim == 0:  # no latent: the decoder alone (the sequence model's language-model baseline)
         encoder = NoEncoder()
+    latent_shape = parse_latent_shape(cfg.latent_shape)
+    if latent_shape is not None:  # a latent map: the encoder's feature map feeds a map head
+        out_shape = getattr(encoder, "out_shape", None)
+        if out_shape is None or tuple(out_shape[1:]) != latent_shape[1:]:
+            raise RhovaeError(
+                f"a latent map {latent_shape} needs an encoder whose features are a map of the same size, "
+                f"(B, F, {latent_shape[1]}, {latent_shape[2]}) with out_shape set; got {out_shape}"
+            )
+        head = make_map_head(cfg.posterior, out_shape[0], latent_shape)
+        prior = make_prior(cfg.prior, math.prod(latent_shape), latent_shape=latent_shape)
+        return VAE(encoder, head, decoder, make_likelihood(cfg.likelihood, data_shape), prior)
     features = encoder_features(encoder, data_shape)
     groups = hierarchy_groups(cfg)
     if groups != 1:  # the encoder is the bottom-up path; the decoder reads the concatenated z

@@ -7,6 +7,7 @@ only ever call ``head(h)`` and never ask which family they hold. Adding a family
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from functools import partial, singledispatch
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
-from rhovae.distributions import AR1Normal
+from rhovae.distributions import AR1Normal, LatentMap, SeparableAR1Normal
 from rhovae.distributions.flows import FlowPosterior, IAFStep, PlanarStep, reverse_order
 from rhovae.errors import RhovaeError
 
@@ -28,7 +29,10 @@ __all__ = [
     "BatchNormMean",
     "DiagonalGaussianHead",
     "FullCovGaussianHead",
+    "MAP_HEADS",
+    "MapHead",
     "make_head",
+    "make_map_head",
     "posterior_statistics",
 ]
 
@@ -218,8 +222,14 @@ def with_batchnorm_means(head: nn.Module, gamma: float) -> nn.Module:
 
 
 def posterior_names() -> list[str]:
-    """Every name ``make_head`` accepts: base families, flows on the diagonal base, and base+flow."""
-    return sorted(HEADS) + list(FLOWS) + [f"{b}+{f}" for b in sorted(HEADS) for f in FLOWS]
+    """Every posterior name a run takes: base families, flows on the diagonal base, base+flow (flat
+    latents) and the families only a latent map has (``ar1-2d``, ``ar1-2d-diag``)."""
+    flat = sorted(HEADS) + list(FLOWS) + [f"{b}+{f}" for b in sorted(HEADS) for f in FLOWS]
+    return flat + MAP_ONLY
+
+
+#: the families that exist only over a latent map (``--latent-shape``)
+MAP_ONLY = ["ar1-2d", "ar1-2d-diag"]
 
 
 def make_head(name: str, in_features: int, latent_dim: int, flow_steps: int = 4) -> nn.Module:
@@ -236,6 +246,112 @@ def make_head(name: str, in_features: int, latent_dim: int, flow_steps: int = 4)
         )
     base = HEADS[base_name](in_features, latent_dim)
     return FlowHead(base, flow, flow_steps) if flow else base
+
+
+# --- posteriors over latent maps ------------------------------------------------------------------------
+
+#: families over a latent map ``(C, H, W)``: name -> (scalars per channel from the pooled features,
+#: a log-variance per position, the family). Means always come from a 1x1 convolution of the features.
+MAP_HEADS: dict[str, tuple[int, bool, str]] = {
+    "diagonal": (0, True, "diagonal"),
+    "ar1-2d": (3, False, "separable"),  # rho_rows, rho_cols, log s
+    "ar1-2d-diag": (2, True, "separable"),  # rho_rows, rho_cols; a variance per position
+    "ar1": (2, False, "raster"),  # rho, log s: per channel, an AR(1) along the raster order
+    "ar1-diag": (1, True, "raster"),
+    "isotropic": (1, False, "isotropic"),  # log s: N(mu, s I) per channel
+}
+
+#: the most units a full covariance over a flattened map is offered for: it needs n (n - 1) / 2 outputs
+FULL_MAP_MAX_UNITS = 256
+
+
+class MapHead(nn.Module):
+    """A posterior over a latent map ``(C, H, W)`` from the encoder's feature map ``h (B, F, H, W)``.
+
+    The mean is a 1x1 convolution of the features (each position's mean from that position's
+    features); a per-position log-variance is another; the per-channel scalars (ρ along rows and
+    columns, log s) come from ``Linear(F, k C)`` on the spatially averaged features. Families
+    (:data:`MAP_HEADS`): ``diagonal`` (``Independent(Normal, 3)``), ``ar1-2d`` and ``ar1-2d-diag``
+    (:class:`~rhovae.distributions.SeparableAR1Normal`), ``ar1``, ``ar1-diag`` and ``isotropic``
+    (per channel, an :class:`AR1Normal` along the raster order, laid out as a map by
+    :class:`~rhovae.distributions.LatentMap`). Every one has event shape ``(C, H, W)``.
+    """
+
+    def __init__(self, family: str, in_channels: int, latent_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        if family not in MAP_HEADS:
+            raise RhovaeError(
+                f"posterior {family!r} has no form over a latent map; choose one of: "
+                f"{', '.join(sorted(MAP_HEADS))} or full (small maps)"
+            )
+        self.family = family
+        self.in_features, self.latent_shape = in_channels, tuple(latent_shape)
+        self.latent_dim = math.prod(latent_shape)
+        channels = latent_shape[0]
+        scalars, per_position, self.kind = MAP_HEADS[family]
+        self.loc = nn.Conv2d(in_channels, channels, 1)
+        self.log_var = nn.Conv2d(in_channels, channels, 1) if per_position else None
+        self.scalars = nn.Linear(in_channels, scalars * channels) if scalars else None
+
+    def forward(self, h: Tensor) -> Distribution:
+        loc = self.loc(h).contiguous()  # (B, C, H, W), the usual layout whatever the features'
+        std = torch.exp(0.5 * self.log_var(h)).contiguous() if self.log_var is not None else None
+        channels = loc.shape[1]
+        if self.scalars is not None:
+            per_channel = self.scalars(h.mean((-2, -1))).view(len(h), -1, channels)  # (B, k, C)
+        if self.kind == "diagonal":
+            return Independent(Normal(loc, std, validate_args=False), 3, validate_args=False)
+        if self.kind == "separable":
+            rho_rows = RHO_BOUND * torch.tanh(per_channel[:, 0])
+            rho_cols = RHO_BOUND * torch.tanh(per_channel[:, 1])
+            scale = std if std is not None else torch.exp(0.5 * per_channel[:, 2])
+            return SeparableAR1Normal(loc, rho_rows, rho_cols, scale, validate_args=False)
+        # raster order: each channel's H*W units, an AR(1) with its own rho
+        flat = loc.flatten(-2)
+        if self.kind == "isotropic":
+            rho = flat.new_zeros(flat.shape[:-1] + (1,))
+            scale = torch.exp(0.5 * per_channel[:, 0]).unsqueeze(-1)
+        else:
+            rho = (RHO_BOUND * torch.tanh(per_channel[:, 0])).unsqueeze(-1)
+            scale = std.flatten(-2) if std is not None else torch.exp(0.5 * per_channel[:, 1]).unsqueeze(-1)
+        inner = AR1Normal(flat, rho, scale, validate_args=False)
+        return LatentMap(Independent(inner, 1, validate_args=False), self.latent_shape)
+
+
+class FlatMapHead(nn.Module):
+    """A flat family over the flattened map: the head of ``family`` on the flattened feature map
+    ``(B, F H W)``, its distribution laid out as ``(C, H, W)`` by :class:`LatentMap`."""
+
+    def __init__(self, family: str, in_channels: int, latent_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.latent_shape = tuple(latent_shape)
+        self.latent_dim = math.prod(latent_shape)
+        self.in_features = in_channels * latent_shape[1] * latent_shape[2]
+        self.flat = HEADS[family](self.in_features, self.latent_dim)
+
+    def forward(self, h: Tensor) -> Distribution:
+        return LatentMap(self.flat(h.flatten(1)), self.latent_shape)
+
+
+def make_map_head(name: str, in_channels: int, latent_shape: tuple[int, int, int]) -> nn.Module:
+    """The posterior head ``name`` over a latent map ``latent_shape = (C, H, W)`` from feature maps of
+    ``in_channels`` channels at the map's size: a family of :data:`MAP_HEADS`, or ``full`` (a full
+    covariance over the flattened map, up to :data:`FULL_MAP_MAX_UNITS` units)."""
+    if name == "full":
+        units = math.prod(latent_shape)
+        if units > FULL_MAP_MAX_UNITS:
+            raise RhovaeError(
+                f"posterior full over a latent map of {units} units needs {units * (units - 1) // 2} "
+                f"covariance outputs; it is offered up to {FULL_MAP_MAX_UNITS} units: use a smaller "
+                "--latent-shape or posterior ar1-2d"
+            )
+        return FlatMapHead("full", in_channels, latent_shape)
+    return MapHead(name, in_channels, latent_shape)
+
+
+def map_posterior_names() -> list[str]:
+    """The posteriors a latent map takes."""
+    return sorted(MAP_HEADS) + ["full"]
 
 
 # --- what a family reports about itself ---------------------------------------------------------------
@@ -274,6 +390,20 @@ posterior_statistics.registry = _family_statistics.registry  # type: ignore[attr
 def _ar1_statistics(q: AR1Normal) -> dict[str, Tensor]:
     # rho (B,) and the variance scale s = scale^2, (B, 1) or (B, d) for per-dimension scales
     return {"rho": q.rho[..., 0], "s": q.scale.pow(2)}
+
+
+@posterior_statistics.register
+def _separable_statistics(q: SeparableAR1Normal) -> dict[str, Tensor]:
+    # per channel: rho_rows, rho_cols (B, C); s per channel (B, C) or per position (B, C, H, W)
+    return {"rho_rows": q.rho_rows, "rho_cols": q.rho_cols, "s": q.scale.pow(2)}
+
+
+@posterior_statistics.register
+def _latent_map_statistics(q: LatentMap) -> dict[str, Tensor]:
+    inner = q.base
+    while isinstance(inner, Independent):
+        inner = inner.base_dist
+    return posterior_statistics(inner)
 
 
 @posterior_statistics.register

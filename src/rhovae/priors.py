@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 from torch.distributions.utils import _standard_normal
 
-from rhovae.distributions import AR1Normal, StandardNormal
+from rhovae.distributions import AR1Normal, SeparableAR1Normal, StandardNormal
 from rhovae.distributions.flows import made_masks
 from rhovae.errors import RhovaeError
 from rhovae.posteriors import RHO_BOUND
@@ -47,6 +47,7 @@ __all__ = [
     "FixedAR1Prior",
     "MADENormal",
     "MADEPrior",
+    "SeparableAR1Prior",
     "StandardNormalPrior",
     "committed_rate",
     "make_prior",
@@ -54,9 +55,9 @@ __all__ = [
 
 
 class StandardNormalPrior(nn.Module):
-    """``N(0, I_d)``, with no parameters."""
+    """``N(0, I_d)``, with no parameters; ``latent_dim`` a shape ``(C, H, W)``: over a latent map."""
 
-    def __init__(self, latent_dim: int) -> None:
+    def __init__(self, latent_dim: int | tuple[int, ...]) -> None:
         super().__init__()
         self.latent_dim = latent_dim
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # follows .to(device/dtype)
@@ -224,16 +225,59 @@ class MADEPrior(nn.Module):
         return MADENormal(self.conditionals, self.latent_dim, dtype=w.dtype, device=w.device)
 
 
-PRIORS = {"standard": StandardNormalPrior, "ar1": AR1Prior, "made": MADEPrior}
+class SeparableAR1Prior(nn.Module):
+    """A learned prior over latent maps ``(C, H, W)``: per channel a zero-mean separable 2-D AR(1)
+    Gaussian ``N(0, s_c T(rho_rows,c) kron T(rho_cols,c))`` (three parameters a channel), starting at
+    N(0, I). The paper's "more natural prior for images" where the latent is an image-like map; its
+    KL to the ``ar1-2d`` and diagonal map posteriors is closed-form, O(C H W)."""
+
+    def __init__(self, latent_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.latent_shape = tuple(latent_shape)
+        channels = latent_shape[0]
+        self.rho_rows_pre = nn.Parameter(torch.zeros(channels))
+        self.rho_cols_pre = nn.Parameter(torch.zeros(channels))
+        self.log_var = nn.Parameter(torch.zeros(channels))
+
+    def forward(self) -> Distribution:
+        loc = torch.zeros(self.latent_shape, dtype=self.log_var.dtype, device=self.log_var.device)
+        return SeparableAR1Normal(
+            loc,
+            RHO_BOUND * torch.tanh(self.rho_rows_pre),
+            RHO_BOUND * torch.tanh(self.rho_cols_pre),
+            torch.exp(0.5 * self.log_var),
+            validate_args=False,
+        )
 
 
-def make_prior(name: str, latent_dim: int, rho: float = 0.0) -> nn.Module:
-    """The prior module ``name`` over ``latent_dim`` dimensions; called, it returns p(z) as a
+PRIORS = {"standard": StandardNormalPrior, "ar1": AR1Prior, "made": MADEPrior, "ar1-2d": SeparableAR1Prior}
+
+#: the priors a latent map takes
+MAP_PRIORS = ("standard", "ar1-2d")
+
+
+def make_prior(
+    name: str, latent_dim: int, rho: float = 0.0, latent_shape: tuple[int, int, int] | None = None
+) -> nn.Module:
+    """The prior module ``name`` over ``latent_dim`` dimensions, or over a latent map of
+    ``latent_shape = (C, H, W)`` (standard or ar1-2d); called, it returns p(z) as a
     Distribution (N(0, I), or a learned one whose parameters train with the model). ``rho`` != 0 with
     ``name = "ar1"``: the AR(1) prior with that fixed correlation and unit variance (the delta-VAE's
     committed rate), not learned."""
     if name not in PRIORS:
         raise RhovaeError(f"unknown prior {name!r}; choose one of: {', '.join(sorted(PRIORS))}")
+    if latent_shape is not None:
+        if name not in MAP_PRIORS or rho:
+            raise RhovaeError(
+                f"prior {name!r} has no form over a latent map; choose one of: {', '.join(MAP_PRIORS)}"
+            )
+        return (
+            SeparableAR1Prior(latent_shape) if name == "ar1-2d" else StandardNormalPrior(tuple(latent_shape))
+        )
+    if name == "ar1-2d":
+        raise RhovaeError(
+            "prior ar1-2d is over latent maps: add --latent-shape C,H,W or choose another prior"
+        )
     if rho:
         if name != "ar1":
             raise RhovaeError(f"a fixed correlation rho is for the ar1 prior, not {name!r}")

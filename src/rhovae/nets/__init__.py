@@ -3,7 +3,7 @@
 """
 
 from rhovae.nets.burgess import BurgessDecoder, BurgessEncoder
-from rhovae.nets.conv import ConvDecoder, ConvEncoder
+from rhovae.nets.conv import ConvDecoder, ConvEncoder, SpatialConvDecoder, SpatialConvEncoder
 from rhovae.nets.dcgan import DCGANDecoder, DCGANEncoder
 from rhovae.nets.mlp import MLPDecoder, MLPEncoder
 
@@ -12,6 +12,8 @@ __all__ = [
     "BurgessEncoder",
     "ConvDecoder",
     "ConvEncoder",
+    "SpatialConvDecoder",
+    "SpatialConvEncoder",
     "DCGANDecoder",
     "DCGANEncoder",
     "MLPDecoder",
