@@ -149,7 +149,7 @@ class VAE(nn.Module):
         return self.posterior(self.prepare(x))
 
     def decode(self, z: Tensor) -> Distribution:
-        """``p(x|z)`` for ``z (N, d)`` or ``(N, C, H, W)``: batch shape ``(N,)``, event shape ``data_shape``."""
+        """``p(x|z)`` for ``z (N, d)`` or ``(N, C, H, W)``: batch ``(N,)``, event shape ``data_shape``."""
         out = self.decoder(z)
         return out if isinstance(out, Distribution) else self.likelihood(out)
 

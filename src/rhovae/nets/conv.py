@@ -121,7 +121,8 @@ def downsamplings(image_shape: tuple[int, int, int], latent_shape: tuple[int, in
     if tuple(latent_shape[1:]) not in sizes:
         shapes = ", ".join(f"C,{a},{b}" for a, b in sizes)
         raise RhovaeError(
-            f"the cnn cannot produce a latent map of {latent_shape[1]}x{latent_shape[2]} from {h}x{w} images; "
+            f"the cnn cannot produce a latent map of {latent_shape[1]}x{latent_shape[2]} from {h}x{w} "
+            "images; "
             f"--latent-shape can be {shapes} (any C)"
         )
     return sizes.index(tuple(latent_shape[1:]))
