@@ -77,7 +77,9 @@ def separable_mahalanobis(w: Tensor, rho_rows: Tensor, rho_cols: Tensor) -> Tens
     return e.pow(2).sum((-3, -2, -1))
 
 
-def separable_logdet(rho_rows: Tensor, rho_cols: Tensor, log_var: Tensor, shape: torch.Size) -> Tensor:
+def separable_logdet(
+    rho_rows: Tensor, rho_cols: Tensor, log_var: Tensor, shape: torch.Size, per_position: bool
+) -> Tensor:
     """``sum_c log det Cov_c = sum_c [W (H-1) log(1-rho_r^2) + H (W-1) log(1-rho_c^2)] + sum log D``.
 
     ``log_var (..., C)`` (one variance per channel, counted H W times) or ``(..., C, H, W)``.
@@ -86,7 +88,7 @@ def separable_logdet(rho_rows: Tensor, rho_cols: Tensor, log_var: Tensor, shape:
     _, h, w = shape
     rows = w * (h - 1) * _one_minus_sq(rho_rows).log() if h > 1 else torch.zeros_like(rho_rows)
     cols = h * (w - 1) * _one_minus_sq(rho_cols).log() if w > 1 else torch.zeros_like(rho_cols)
-    if log_var.dim() >= 3 and log_var.shape[-3:] == shape:
+    if per_position:
         variances = log_var.sum((-3, -2, -1))
     else:
         variances = h * w * log_var.sum(-1)
@@ -212,6 +214,8 @@ class SeparableAR1Normal(Distribution):
         self.rho_rows = rho_rows.expand(batch_shape + (c,))
         self.rho_cols = rho_cols.expand(batch_shape + (c,))
         self.scale = scale.expand(batch_shape + (event_shape if per_position else (c,)))
+        # decided once: an expanded per-channel scale can have the map's shape by coincidence
+        self._per_position = per_position
         super().__init__(batch_shape, event_shape, validate_args=validate_args)
 
     def expand(self, batch_shape, _instance=None):
@@ -222,6 +226,7 @@ class SeparableAR1Normal(Distribution):
         new.rho_cols = self.rho_cols.expand(batch_shape + self.rho_cols.shape[-1:])
         tail = self.event_shape if self.per_position_scale else self.scale.shape[-1:]
         new.scale = self.scale.expand(batch_shape + tail)
+        new._per_position = self._per_position
         super(SeparableAR1Normal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -229,7 +234,7 @@ class SeparableAR1Normal(Distribution):
     @property
     def per_position_scale(self) -> bool:
         """True when each position has its own scale (``ar1-2d-diag``)."""
-        return self.scale.dim() >= 3 and self.scale.shape[-3:] == self.event_shape
+        return self._per_position
 
     @property
     def latent_dim(self) -> int:
@@ -279,7 +284,9 @@ class SeparableAR1Normal(Distribution):
     @property
     def log_det_covariance(self) -> Tensor:
         """``log det`` of the whole covariance, ``batch_shape`` (docs/math.md eq. 15)."""
-        return separable_logdet(self.rho_rows, self.rho_cols, 2 * self.scale.log(), self.event_shape)
+        return separable_logdet(
+            self.rho_rows, self.rho_cols, 2 * self.scale.log(), self.event_shape, self._per_position
+        )
 
     @lazy_property
     def channel_covariance(self) -> Tensor:
