@@ -318,6 +318,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"  active units        {result['active_units']} of {cfg['latent_dim']}")
     if "active_units_per_group" in result:
         print(f"  per latent group    {result['active_units_per_group']}")
+    if "active_units_per_channel" in result:
+        shape = cfg["latent_shape"]
+        print(f"  per channel         {result['active_units_per_channel']} (latent map {shape})")
     if "mutual_information_examples" in result:
         n_mi = result["mutual_information_examples"]
         if "mutual_information" in result:

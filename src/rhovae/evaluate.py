@@ -85,14 +85,23 @@ def iwae_nll(model: VAE, x, k: int, batch_size: int = 100, progress: bool = Fals
 
 @torch.no_grad()
 def active_units(model: VAE, x, threshold: float = 0.01, batch_size: int = 1000) -> dict[str, Any]:
-    """Burda et al. (2016): unit u is active when ``Cov_x(E_q[z_u | x]) > threshold``."""
+    """Burda et al. (2016): unit u is active when ``Cov_x(E_q[z_u | x]) > threshold``.
+
+    For a latent map ``(C, H, W)`` the record adds ``active_units_per_channel`` (C counts out of H W)
+    and ``active_channels_per_position`` (an H x W list of counts out of C)."""
     with eval_mode(model):
         means = torch.cat([model.posterior(xb).mean for xb in batches(x, batch_size)])
+    shape = tuple(means.shape[1:])
+    means = means.flatten(1)
     variance = means.var(dim=0) if means.shape[-1] else means.new_zeros(0)  # no latent: no unit
     result: dict[str, Any] = {
         "active_units": int((variance > threshold).sum()),
         "active_unit_variances": [round(float(v), 6) for v in variance],
     }
+    if len(shape) == 3:  # a latent map (C, H, W): where the active units are
+        active = (variance > threshold).view(shape)
+        result["active_units_per_channel"] = [int(v) for v in active.sum((1, 2))]
+        result["active_channels_per_position"] = active.sum(0).tolist()
     sizes = getattr(model.head, "group_sizes", None)
     if sizes:  # latent hierarchies
         result["active_units_per_group"] = active_units_per_group(variance, list(sizes), threshold)

@@ -162,7 +162,10 @@ def explore(model, data, out_dir: str | Path, seed: int = 0, n_steps: int = 9) -
       coordinates fixed), ``n_steps`` columns;
     - ``interpolations.png``: 8 pairs of test examples, linear paths between their posterior means;
     - ``latent_pca.png``: the test split's posterior means on their two principal axes, coloured by
-      label when the data has labels.
+      label when the data has labels;
+    - for a latent map ``(C, H, W)``: ``channel_means.png``, the posterior mean map of every channel
+      (columns) for 8 test examples (rows), each map scaled to its own range; the traversals then
+      sweep the centre position of each channel (rows are channels).
 
     Traversals and interpolations need image data; the PCA is drawn for any data.
     """
@@ -187,22 +190,30 @@ def explore(model, data, out_dir: str | Path, seed: int = 0, n_steps: int = 9) -
         means = torch.cat([model.posterior(xb).mean for xb in batches(test, 1000)])
     g = torch.Generator().manual_seed(seed)
     written = []
+    shape = tuple(means.shape[1:])  # (d,), or (C, H, W) for a latent map
+    means = means.flatten(1)
+    d = means.shape[1]
+    if len(shape) == 3:  # a latent map: each channel's mean map, traversals of the centre position
+        written.append(_channel_means(means.view(-1, *shape), out / "channel_means.png", g))
+        c, h, w = shape
+        traversed = [k * h * w + (h // 2) * w + w // 2 for k in range(c)]
+    else:
+        traversed = list(range(d))
     if is_image_shape(tuple(data.data_shape)):
-        d = means.shape[1]
         sd = means.std(0) if len(means) > 1 else torch.ones(d, device=means.device)
         anchor = means[int(torch.randint(len(means), (1,), generator=g))]
         steps = torch.linspace(-3, 3, n_steps, device=means.device)
-        z = anchor.repeat(d, n_steps, 1)  # (d, steps, d)
-        for j in range(d):
-            z[j, :, j] = anchor[j] + steps * sd[j]
+        z = anchor.repeat(len(traversed), n_steps, 1)  # (rows, steps, d)
+        for row, j in enumerate(traversed):
+            z[row, :, j] = anchor[j] + steps * sd[j]
         with torch.no_grad():
-            images = model.decode(z.reshape(d * n_steps, d)).mean
+            images = model.decode(z.reshape(len(traversed) * n_steps, *shape)).mean
         written.append(save_image_grid(images, out / "traversals.png", nrow=n_steps))
         pairs = torch.randint(len(means), (8, 2), generator=g)
         t = torch.linspace(0, 1, n_steps, device=means.device)[None, :, None]
         a, b = means[pairs[:, 0]][:, None], means[pairs[:, 1]][:, None]
         with torch.no_grad():
-            images = model.decode(((1 - t) * a + t * b).reshape(-1, d)).mean
+            images = model.decode(((1 - t) * a + t * b).reshape(-1, *shape)).mean
         written.append(save_image_grid(images, out / "interpolations.png", nrow=n_steps))
     m = means.double().cpu()
     m = m - m.mean(0)
@@ -227,3 +238,15 @@ def explore(model, data, out_dir: str | Path, seed: int = 0, n_steps: int = 9) -
     plt.close(fig)
     written.append(path)
     return written
+
+
+def _channel_means(maps, path: Path, generator) -> Path:
+    """8 test examples' posterior mean maps ``(C, H, W)``, one column per channel, each scaled to [0, 1]."""
+    import torch
+
+    picks = torch.randint(len(maps), (min(8, len(maps)),), generator=generator)
+    chosen = maps[picks.to(maps.device)].detach().float().cpu()  # (8, C, H, W)
+    low = chosen.amin((-2, -1), keepdim=True)
+    span = (chosen.amax((-2, -1), keepdim=True) - low).clamp_min(1e-12)
+    tiles = ((chosen - low) / span).reshape(-1, 1, *chosen.shape[-2:])
+    return save_image_grid(tiles, path, nrow=chosen.shape[1])

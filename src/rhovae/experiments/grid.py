@@ -51,12 +51,14 @@ class Experiment:
     def points(self) -> list[tuple[str, RunConfig, dict[str, Any]]]:
         """Every run of the grid as ``(run_id, resolved config, the grid values that made it)``, in a
         stable order. Points that resolve to one run because a grid value does not apply to it (the
-        posterior of a model without a latent, ``latent_dim = 0``) are one run, listed once, with the
-        first point's values."""
+        posterior of a model without a latent, ``latent_dim = 0``) or because an option sets that grid
+        key itself (an option ``flat = {latent_shape = "", posterior = "diagonal"}`` beside a posterior
+        axis: the option's value wins) are one run, listed once, with the first point's values."""
         keys = list(self.grid)
         runs, seen = [], set()
         for values in itertools.product(*(self.grid[k] for k in keys)):
             settings = dict(self.run)
+            overridden = set()  # plain grid keys an option sets (a flat reference's posterior)
             for k, v in zip(keys, values, strict=True):
                 if k in self.options:
                     if v not in self.options[k]:
@@ -65,7 +67,8 @@ class Experiment:
                             f"{', '.join(self.options[k])}"
                         )
                     settings.update(self.options[k][v])
-                else:
+                    overridden.update(set(self.options[k][v]) & set(keys))
+                elif k not in overridden:
                     settings[k] = v
             if settings.get("dataset") == "auto":
                 settings.update(_auto_dataset(settings))
@@ -73,12 +76,14 @@ class Experiment:
             choices = {
                 k: (v if k in self.options else getattr(cfg, k)) for k, v in zip(keys, values, strict=True)
             }
-            if cfg.latent_dim == 0:  # the language model: its posterior is none, whatever the grid says
+            for k in overridden:
+                choices[k] = getattr(cfg, k)
+            if cfg.latent_dim == 0 or overridden:  # one run, listed once, whatever the grid says
                 key = repr(sorted(cfg.to_dict().items()))
                 if key in seen:
                     continue
                 seen.add(key)
-                if "posterior" in choices:
+                if "posterior" in choices and cfg.latent_dim == 0:  # the language model has none
                     choices["posterior"] = "none"
             runs.append((_run_id(keys, values, cfg), cfg, choices))
         ids = [r for r, _, _ in runs]
