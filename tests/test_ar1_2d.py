@@ -599,7 +599,7 @@ def test_invalid_values_raise_when_validating(rho_rows, rho_cols, scale, name, p
     args = {"rho_rows": good_rows.clone(), "rho_cols": good_cols.clone(), "scale": good_scale.clone()}
     value = {"rho_rows": rho_rows, "rho_cols": rho_cols, "scale": scale}[name]
     args[name].view(-1)[-1] = value
-    with pytest.raises(ValueError, match=f"parameter {name}"):
+    with pytest.raises(ValueError, match=f"SeparableAR1Normal: {name} has 1 invalid value"):
         SeparableAR1Normal(loc, validate_args=True, **args)
     SeparableAR1Normal(loc, validate_args=False, **args)  # not checked when told not to
 

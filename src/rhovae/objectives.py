@@ -71,12 +71,12 @@ def mmd(x: Tensor, y: Tensor, kernel: str = "imq", unbiased: bool = True) -> Ten
 
 
 def per_dimension_kl(q: Distribution, p: Distribution) -> Tensor | None:
-    """``KL_j`` per latent dimension ``(B, d)`` when both sides factorise over dimensions (independent
-    univariate components with a registered KL), else None: for AR(1), full-covariance and flow
-    posteriors the KL does not split into per-dimension terms."""
+    """``KL_j`` per latent dimension ``(B, d)`` (``(B, C, H, W)`` over a latent map) when both sides
+    factorise over dimensions (independent univariate components with a registered KL), else None:
+    for AR(1), full-covariance and flow posteriors the KL does not split into per-dimension terms."""
     if not (isinstance(q, Independent) and isinstance(p, Independent)):
         return None
-    if q.reinterpreted_batch_ndims != 1 or p.reinterpreted_batch_ndims != 1:
+    if q.reinterpreted_batch_ndims != p.reinterpreted_batch_ndims or q.event_shape != p.event_shape:
         return None
     try:
         return kl_divergence(q.base_dist, p.base_dist)
@@ -156,12 +156,12 @@ class Objective:
         grouped = group_free_bits_kl(out.q, self.free_bits)  # latent groups: per group
         if grouped is not None:
             return grouped
-        d = out.z.shape[-1]
+        d = model.latent_dim  # every unit, C * H * W for a latent map
         per_dim = per_dimension_kl(out.q, model.prior()) if out.kl_exact else None
         if per_dim is None:
             return torch.clamp(out.kl.mean(), min=self.free_bits * d)
         groups = self.free_bits_groups or d
-        per_group = per_dim.mean(0).view(groups, d // groups).sum(-1)
+        per_group = per_dim.mean(0).reshape(groups, d // groups).sum(-1)
         return torch.clamp(per_group, min=self.free_bits * d / groups).sum()
 
     def __call__(self, out: VAEOutput, model: VAE) -> tuple[Tensor, dict[str, Tensor]]:

@@ -216,7 +216,32 @@ class SeparableAR1Normal(Distribution):
         self.scale = scale.expand(batch_shape + (event_shape if per_position else (c,)))
         # decided once: an expanded per-channel scale can have the map's shape by coincidence
         self._per_position = per_position
-        super().__init__(batch_shape, event_shape, validate_args=validate_args)
+        super().__init__(batch_shape, event_shape, validate_args=False)
+        if validate_args is not None:
+            self._validate_args = validate_args
+        if self._validate_args:
+            self._check_arguments()
+
+    def _check_arguments(self) -> None:
+        """One line naming the first bad argument and its fix (torch's own message prints the tensor)."""
+        checks = (
+            ("loc", ~self.loc.isnan(), "no NaN"),
+            (
+                "rho_rows",
+                _one_minus_sq(self.rho_rows) > 0,
+                "values in (-1, 1): squash a head's output with tanh",
+            ),
+            (
+                "rho_cols",
+                _one_minus_sq(self.rho_cols) > 0,
+                "values in (-1, 1): squash a head's output with tanh",
+            ),
+            ("scale", self.scale > 0, "positive values: exponentiate a head's log-variance"),
+        )
+        for name, ok, fix in checks:
+            if not bool(ok.all()):
+                bad = int((~ok).sum())
+                raise ValueError(f"SeparableAR1Normal: {name} has {bad} invalid value(s); it needs {fix}")
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(SeparableAR1Normal, _instance)
