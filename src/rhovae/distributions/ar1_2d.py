@@ -217,7 +217,9 @@ class SeparableAR1Normal(Distribution):
         # decided once: an expanded per-channel scale can have the map's shape by coincidence
         self._per_position = per_position
         super().__init__(batch_shape, event_shape, validate_args=False)
-        if validate_args is not None:
+        if validate_args is None:  # torch's default (Distribution.set_default_validate_args) applies
+            self.__dict__.pop("_validate_args", None)
+        else:
             self._validate_args = validate_args
         if self._validate_args:
             self._check_arguments()
