@@ -6,9 +6,9 @@ For channel c the covariance over the ``H * W`` positions (raster order, ``i * W
     Cov_c = D_c^(1/2) (T(rho_rows_c) kron T(rho_cols_c)) D_c^(1/2),   T(rho)[j, k] = rho ** |j - k|
 
 with ``D_c`` the variances: one per channel (``ar1-2d``, ``Cov_c = s_c T kron T``) or one per position
-(``ar1-2d-diag``). Channels are independent. Every fast operation is O(C H W) per sample apart from the
-sample, which applies the two small Cholesky factors of T (``H x H`` and ``W x W`` per channel) as two
-matrix products; the dense views exist for references. Equation numbers refer to docs/math.md §15.
+(``ar1-2d-diag``). Channels are independent. Every fast operation is O(C H W) per sample (the sample
+is two parallel scans, O(C H W log max(H, W))); the dense views exist for references. Equation numbers
+refer to docs/math.md §15.
 """
 
 from __future__ import annotations
@@ -21,7 +21,12 @@ from torch.distributions import constraints
 from torch.distributions.distribution import Distribution
 from torch.distributions.utils import lazy_property
 
-from rhovae.distributions.ar1 import open_unit_interval
+from rhovae.distributions.ar1 import (
+    _first_order_only,
+    _reduce_to_shape,
+    _scan_first_order,
+    open_unit_interval,
+)
 
 __all__ = ["SeparableAR1Normal", "ar1_cholesky"]
 
@@ -36,22 +41,78 @@ def ar1_cholesky(rho: Tensor, n: int) -> Tensor:
 
     ``L[j, 0] = rho^j`` and ``L[j, k] = rho^(j-k) sqrt(1 - rho^2)`` for ``1 <= k <= j``: the AR(1)
     recurrence ``w_0 = e_0, w_j = rho w_(j-1) + sqrt(1 - rho^2) e_j`` written as ``w = L e``
-    (docs/math.md eq. 13). The powers come from a cumulative product, whose gradient stays finite at
-    ``rho = 0`` (``rho ** 0`` through ``pow`` would give 0 * inf there).
+    (docs/math.md eq. 13). Powers are taken for lags >= 1 only and the diagonal set apart, so the
+    gradient stays finite at ``rho = 0`` (``rho ** 0`` through ``pow`` would give 0 * inf there); all
+    elementwise, whose backward is cheap (a gather of powers would scatter in backward).
     """
-    steps = rho.unsqueeze(-1).expand(*rho.shape, max(n - 1, 0))
-    powers = torch.cumprod(torch.cat([torch.ones_like(rho).unsqueeze(-1), steps], -1), -1)  # (..., n)
     index = torch.arange(n, device=rho.device)
     lag = index.unsqueeze(-1) - index  # j - k
-    lower = powers[..., lag.clamp(min=0)] * (lag >= 0)
-    column_scale = torch.cat(
-        [
-            torch.ones_like(rho).unsqueeze(-1),
-            _one_minus_sq(rho).sqrt().unsqueeze(-1).expand(*rho.shape, n - 1),
-        ],
-        -1,
+    powers = rho[..., None, None].pow(lag.clamp(min=1).to(rho.dtype))
+    lower = torch.where(lag > 0, powers, (lag == 0).to(rho.dtype))
+    column_scale = torch.where(
+        index > 0, _one_minus_sq(rho).sqrt().unsqueeze(-1), torch.ones_like(rho).unsqueeze(-1)
     )
     return lower * column_scale.unsqueeze(-2)
+
+
+def _filter_forward(x: Tensor, rho: Tensor, innovation: Tensor) -> Tensor:
+    """``L(rho) x`` along the last axis (no autograd): ``w_0 = x_0, w_j = rho w_(j-1) + s x_j`` with
+    ``s = sqrt(1 - rho^2)``, by the parallel scan of :mod:`rhovae.distributions.ar1` (docs/math.md §4)."""
+    if x.shape[-1] == 1:
+        return x
+    return _scan_first_order(x, rho, x_scale=innovation, unscaled_first=True)
+
+
+def _filter_backward(grad: Tensor, x: Tensor, w: Tensor, rho: Tensor, innovation: Tensor):
+    """The adjoint of :func:`_filter_forward` at its output ``w``: the gradients to its input ``x``
+    and to ``rho`` (summed over everything ``rho`` was broadcast against, to ``rho``'s shape).
+
+    With the adjoint ``a_j = sum_(m >= j) rho^(m-j) g_m`` (a reverse scan), ``dL/dx_j = s a_j``
+    (``a_0`` for j = 0) and ``dL/drho = sum_(j >= 1) a_j (w_(j-1) - rho / s x_j)``: the formula of the
+    1-D AR(1) sample's backward (docs/math.md §4).
+    """
+    if x.shape[-1] == 1:
+        return grad, torch.zeros_like(rho)
+    adjoint = _scan_first_order(grad, rho, reverse=True)
+    grad_x = adjoint * innovation
+    grad_x[..., 0] = adjoint[..., 0]
+    terms = torch.addcmul(w[..., :-1], x[..., 1:], rho / innovation, value=-1)
+    grad_rho = _reduce_to_shape((adjoint[..., 1:] * terms).sum(-1, keepdim=True), rho.shape)
+    return grad_x, grad_rho
+
+
+class _SeparableFilter(torch.autograd.Function):
+    """``L_rows eps L_cols^T`` per channel: the AR(1) recurrence along each row (``rho_cols``), then
+    along each column (``rho_rows``), as one autograd node with the analytic adjoint (two reverse
+    scans): a dozen elementwise nodes per scan step cost several times the diagonal sample.
+    ``rho_rows`` and ``rho_cols`` are ``(..., C, 1, 1)``, ``eps`` is ``(..., C, H, W)``."""
+
+    @staticmethod
+    def forward(ctx, eps: Tensor, rho_rows: Tensor, rho_cols: Tensor) -> Tensor:  # type: ignore[override]
+        s_cols = _one_minus_sq(rho_cols).sqrt()
+        s_rows = _one_minus_sq(rho_rows).sqrt()
+        along_rows = _filter_forward(eps, rho_cols, s_cols)  # (..., H, W): each row filtered
+        out = _filter_forward(along_rows.transpose(-1, -2), rho_rows, s_rows)  # (..., W, H)
+        ctx.saved = (eps, rho_rows, rho_cols, along_rows, out, s_rows, s_cols)
+        return out.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return _first_order_only(_separable_filter_backward, ctx, grad)
+
+
+def _separable_filter_backward(ctx, grad: Tensor):
+    eps, rho_rows, rho_cols, along_rows, out, s_rows, s_cols = ctx.saved
+    grad_mid, grad_rho_rows = _filter_backward(
+        grad.transpose(-1, -2), along_rows.transpose(-1, -2), out, rho_rows, s_rows
+    )
+    grad_eps, grad_rho_cols = _filter_backward(grad_mid.transpose(-1, -2), eps, along_rows, rho_cols, s_cols)
+    needs_eps, needs_rows, needs_cols = ctx.needs_input_grad
+    return (
+        (grad_eps if needs_eps else None),
+        (grad_rho_rows if needs_rows else None),
+        (grad_rho_cols if needs_cols else None),
+    )
 
 
 def _whiten_last(x: Tensor, rho: Tensor) -> Tensor:
@@ -159,7 +220,8 @@ class SeparableAR1Normal(Distribution):
             ``batch_shape + (C, H, W)`` (one per position).
 
     Batch shapes broadcast. ``rsample`` is exact: ``z = loc + scale * (L_rows e L_cols^T)`` with the
-    Cholesky factors of :func:`ar1_cholesky` (the two 1-D AR(1) recurrences, along rows and columns).
+    Cholesky factors of :func:`ar1_cholesky`, applied as the two 1-D AR(1) recurrences (along each row,
+    then along each column) by a parallel scan.
     """
 
     arg_constraints = {
@@ -225,7 +287,18 @@ class SeparableAR1Normal(Distribution):
             self._check_arguments()
 
     def _check_arguments(self) -> None:
-        """One line naming the first bad argument and its fix (torch's own message prints the tensor)."""
+        """One line naming the first bad argument and its fix (torch's own message prints the tensor).
+
+        The common case, all valid, is one fused test and two host reads (NaN fails every comparison,
+        so a NaN anywhere falls through to the itemised checks)."""
+        if self.loc.numel() == 0:
+            return
+        with torch.no_grad():
+            lowest = torch.stack(
+                [_one_minus_sq(self.rho_rows).amin(), _one_minus_sq(self.rho_cols).amin(), self.scale.amin()]
+            ).amin()
+            if float(lowest) > 0 and not math.isnan(float(self.loc.sum())):
+                return
         checks = (
             ("loc", ~self.loc.isnan(), "no NaN"),
             (
@@ -293,7 +366,9 @@ class SeparableAR1Normal(Distribution):
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         _, h, w = self.event_shape
         # w = L_rows eps L_cols^T: along the columns of each row, then along the rows (eq. 13)
-        correlated = ar1_cholesky(self.rho_rows, h) @ eps @ ar1_cholesky(self.rho_cols, w).transpose(-1, -2)
+        correlated = _SeparableFilter.apply(
+            eps, self.rho_rows[..., None, None], self.rho_cols[..., None, None]
+        )
         return self.loc + self._scale_map() * correlated
 
     def log_prob(self, value: Tensor) -> Tensor:
