@@ -28,6 +28,8 @@ REFERENCE_MODULES = [
     "rhovae.posteriors",
     "rhovae.distributions",
     "rhovae.distributions.ar1",
+    "rhovae.distributions.ar1_2d",
+    "rhovae.distributions.latent_map",
     "rhovae.distributions.flows",
     "rhovae.distributions.kl",
     "rhovae.distributions.standard_normal",

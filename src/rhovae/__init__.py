@@ -12,7 +12,7 @@ __version__ = "0.2.0"
 
 from rhovae.api import Fitted, fit, load  # noqa: E402
 from rhovae.config import RunConfig, load_config  # noqa: E402
-from rhovae.distributions import AR1Normal, StandardNormal  # noqa: E402
+from rhovae.distributions import AR1Normal, LatentMap, SeparableAR1Normal, StandardNormal  # noqa: E402
 from rhovae.errors import RhovaeError  # noqa: E402
 from rhovae.likelihoods import make_likelihood  # noqa: E402
 from rhovae.model import VAE, ModelConfig, build_model  # noqa: E402
@@ -21,7 +21,9 @@ from rhovae.posteriors import (  # noqa: E402
     AR1GaussianHead,
     DiagonalGaussianHead,
     FullCovGaussianHead,
+    MapHead,
     make_head,
+    make_map_head,
     posterior_statistics,
 )
 from rhovae.priors import make_prior  # noqa: E402
@@ -32,10 +34,13 @@ __all__ = [
     "DiagonalGaussianHead",
     "Fitted",
     "FullCovGaussianHead",
+    "LatentMap",
+    "MapHead",
     "ModelConfig",
     "Objective",
     "RhovaeError",
     "RunConfig",
+    "SeparableAR1Normal",
     "StandardNormal",
     "VAE",
     "__version__",
@@ -45,6 +50,7 @@ __all__ = [
     "load_config",
     "make_head",
     "make_likelihood",
+    "make_map_head",
     "make_prior",
     "posterior_statistics",
 ]
