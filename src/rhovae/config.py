@@ -217,6 +217,10 @@ class RunConfig(ModelConfig):
                 raise RhovaeError(f"{_flag(f.name)} must be finite, got {value}")
             if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
                 raise RhovaeError(f"{_flag(f.name)} is out of range: {value}")
+        if self.hidden == 0:  # the model's default width, recorded as what ran
+            from rhovae.model import default_hidden
+
+            self.hidden = default_hidden(self.model)
         for name in ("hidden", "epochs", "batch_size", "flow_steps", "in_memory_limit_mb",
                      "latent_groups", "group_hidden"):  # fmt: skip
             if getattr(self, name) < 1:

@@ -13,6 +13,7 @@ float tensors ``(B, *data_shape)`` always.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import warnings
@@ -312,10 +313,11 @@ class ModelConfig:
         ),
     )
     hidden: int = field(
-        default=400,
+        default=0,
         metadata=_help(
-            "features the mlp, cnn and lstm backbones hand to the posterior head, and the lstm's width "
-            "(betavae: 256, infovae: 1024)"
+            "features the mlp, cnn and lstm backbones hand to the posterior head, and the lstm's width; "
+            "0: the model's default (mlp, cnn: 400; lstm: 128, so that a words run takes minutes on a "
+            "CPU; betavae: 256, infovae: 1024, fixed)"
         ),
     )
     flow_steps: int = field(default=4, metadata=_help("number of flow steps of planar/iaf posteriors"))
@@ -365,7 +367,8 @@ class Backbone:
     itself (e.g. a sequence set's vocabulary). ``input_size``: images are resized to (H, W) once,
     on the device, when loaded (None: as they come). ``beta`` and ``objective``: the defaults a run of
     this model gets unless it sets its own. ``likelihood``: set when the decoder returns its own
-    distribution over x (``"decoder"``); a run of this model then takes no other.
+    distribution over x (``"decoder"``); a run of this model then takes no other. ``hidden``: the width a
+    run gets with ``hidden = 0`` (the default).
     """
 
     build: Callable[[ModelConfig, tuple[int, ...], dict[str, Any]], tuple[nn.Module, nn.Module]]
@@ -373,6 +376,7 @@ class Backbone:
     beta: float = 1.0
     objective: str = "elbo"
     likelihood: str = ""
+    hidden: int = 400
 
 
 def _image_shape(model: str, data_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -441,7 +445,7 @@ MODELS: dict[str, Backbone] = {
     "cnn": Backbone(_cnn),
     "betavae": Backbone(_betavae, input_size=(64, 64), beta=4.0),
     "infovae": Backbone(_infovae, objective="infovae"),
-    "lstm": Backbone(_lstm, likelihood="decoder"),
+    "lstm": Backbone(_lstm, likelihood="decoder", hidden=128),
 }
 
 
@@ -541,6 +545,8 @@ def build_model(
     (or a Distribution over x). ``cfg`` is validated by :meth:`RunConfig.validate` (the edge).
     """
     data_shape = tuple(data_shape)
+    if cfg.hidden == 0:  # the model's default width (RunConfig.validate records it)
+        cfg = dataclasses.replace(cfg, hidden=default_hidden(cfg.model))
     if (encoder is None) != (decoder is None):
         raise RhovaeError("give both an encoder and a decoder, or neither (the backbone's pair)")
     if encoder is None:
@@ -579,6 +585,11 @@ def build_model(
             head = with_batchnorm_means(head, cfg.bn_gamma)
         prior = make_prior(cfg.prior, cfg.latent_dim, rho=cfg.prior_rho)
     return VAE(encoder, head, decoder, make_likelihood(cfg.likelihood, data_shape), prior)
+
+
+def default_hidden(model: str) -> int:
+    """The width ``hidden = 0`` stands for: the backbone's own (lstm 128), else 400."""
+    return MODELS[model].hidden if model in MODELS else Backbone.hidden
 
 
 def hierarchy_groups(cfg: ModelConfig) -> int | list[int]:
