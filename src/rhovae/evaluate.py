@@ -21,7 +21,7 @@ from rhovae.files import strict_json
 from rhovae.hierarchy import active_units_per_group
 from rhovae.model import VAE
 from rhovae.objectives import Objective
-from rhovae.posteriors import posterior_statistics
+from rhovae.posteriors import mean_abs_rho, posterior_statistics
 from rhovae.runs import eval_mode, load_run, prepare_data, progress_bar, write_text_atomic
 
 __all__ = [
@@ -56,9 +56,9 @@ def elbo_terms(model: VAE, x, batch_size: int = 1000, objective: Objective | Non
             add("kl", out.kl.sum())
             for key, value in extras.items():
                 add(key, value * len(xb))
-            rho = posterior_statistics(out.q).get("rho")
+            rho = mean_abs_rho(posterior_statistics(out.q))
             if rho is not None:
-                add("mean_abs_rho", rho.abs().sum())
+                add("mean_abs_rho", rho.sum())
             n += len(xb)
     names = list(sums)
     values = (torch.stack([sums[k] for k in names]) / max(n, 1)).tolist()
@@ -195,8 +195,9 @@ def posterior_summary(model: VAE, x, batch_size: int = 1000) -> dict[str, Any]:
         return out
 
     result: dict[str, Any] = {name: summary(torch.cat(v)) for name, v in collected.items()}
-    if "rho" in collected:
-        result["mean_abs_rho"] = float(torch.cat(collected["rho"]).abs().mean())
+    rhos = [torch.cat(collected[k]) for k in ("rho", "rho_rows", "rho_cols") if k in collected]
+    if rhos:
+        result["mean_abs_rho"] = float(torch.cat(rhos).abs().mean())
     return result
 
 

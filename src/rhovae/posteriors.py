@@ -386,6 +386,15 @@ posterior_statistics.dispatch = _family_statistics.dispatch  # type: ignore[attr
 posterior_statistics.registry = _family_statistics.registry  # type: ignore[attr-defined]
 
 
+def mean_abs_rho(stats: dict[str, Tensor]) -> Tensor | None:
+    """Per example ``(B,)``, the mean |ρ| over every correlation a family reports (``rho``; over a
+    latent map ``rho_rows`` and ``rho_cols``, each ``(B, C)``); None for families without one."""
+    found = [stats[k].abs() for k in ("rho", "rho_rows", "rho_cols") if k in stats]
+    if not found:
+        return None
+    return torch.cat([f.reshape(len(f), -1) for f in found], 1).mean(1)
+
+
 @posterior_statistics.register
 def _ar1_statistics(q: AR1Normal) -> dict[str, Tensor]:
     # rho (B,) and the variance scale s = scale^2, (B, 1) or (B, d) for per-dimension scales

@@ -55,7 +55,7 @@ from rhovae.errors import RhovaeError
 from rhovae.evaluate import elbo_terms
 from rhovae.model import MODELS, VAE, VAEOutput, build_model, check_networks
 from rhovae.objectives import Objective, objective_from_config
-from rhovae.posteriors import posterior_statistics
+from rhovae.posteriors import mean_abs_rho, posterior_statistics
 from rhovae.runs import (
     CHECKPOINT_FORMAT,
     RunLock,
@@ -595,10 +595,12 @@ def train_epoch(run: Run, epoch: int) -> dict[str, float]:
         totals.add("train_kl", out.kl.sum())
         for name, value in extras.items():
             totals.add(f"train_{name}", value * b)
-        for name, value in posterior_statistics(out.q).items():
-            if name == "rho":  # AR(1) posteriors
-                totals.add("mean_abs_rho", value.abs().sum())
-            elif name.startswith("kl_group_"):  # latent hierarchies: the KL of each group
+        stats = posterior_statistics(out.q)
+        rho = mean_abs_rho(stats)  # AR(1) posteriors: per example, over every correlation reported
+        if rho is not None:
+            totals.add("mean_abs_rho", rho.sum())
+        for name, value in stats.items():
+            if name.startswith("kl_group_"):  # latent hierarchies: the KL of each group
                 totals.add(f"train_{name}", value.detach().sum())
         if bar is not None:
             bar.update(1)
