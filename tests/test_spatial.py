@@ -248,3 +248,54 @@ def test_train_evaluate_explore_load_on_a_map(idx_dir, tmp_path, capsys):
     resume = [*train_argv(run, flags.replace("--epochs 2", "--epochs 3")), "--resume"]
     assert main([*resume, "--dataset", "mnist", "--data-dir", str(idx_dir)]) == 0
     assert len((run / "metrics.csv").read_text().strip().splitlines()) == 4  # header + 3 epochs
+
+
+def test_infovae_objective_on_a_map_measures_the_mmd_on_flattened_codes():
+    torch.manual_seed(8)
+    model = map_model("ar1-2d", objective="infovae")
+    out = model(torch.rand(6, 1, 12, 12))
+    loss, extras = Objective(kind="infovae")(out, model)
+    assert torch.isfinite(loss) and extras["mmd"].shape == ()
+
+
+def test_latent_map_of_a_univariate_family_has_its_closed_form_kl():
+    from torch.distributions import Independent, Normal
+
+    loc, std = torch.randn(2, 18, dtype=torch.float64), torch.rand(2, 18, dtype=torch.float64) + 0.5
+    q = LatentMap(Independent(Normal(loc, std), 1), (2, 3, 3))
+    expected = kl_divergence(Independent(Normal(loc, std), 1), StandardNormal(18, dtype=torch.float64))
+    torch.testing.assert_close(kl_divergence(q, StandardNormal((2, 3, 3), dtype=torch.float64)), expected)
+
+
+def test_a_grid_option_that_sets_the_posterior_names_the_run_after_what_ran():
+    from rhovae.experiments import Experiment
+
+    exp = Experiment(
+        name="t",
+        grid={
+            "model": ["cnn"],
+            "dataset": ["mnist"],
+            "latent": ["map", "flat"],
+            "posterior": ["ar1-2d", "diagonal"],
+        },
+        options={
+            "latent": {
+                "map": {"latent_shape": "2,3,3"},
+                "flat": {"latent_shape": "", "posterior": "diagonal"},
+            }
+        },
+    )
+    points = exp.points()
+    assert [r for r, _, _ in points] == [
+        "cnn-mnist-latentmap-ar1-2d",
+        "cnn-mnist-latentmap-diagonal",
+        "cnn-mnist-latentflat-diagonal",
+    ]
+    assert points[-1][1].posterior == "diagonal" and points[-1][2]["posterior"] == "diagonal"
+
+
+def test_latent_shape_sets_latent_dim_whatever_was_given():
+    assert (
+        RunConfig(model="cnn", latent_shape="2,3,3", latent_dim=0, dataset="mnist").validate().latent_dim
+        == 18
+    )

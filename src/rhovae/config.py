@@ -266,8 +266,8 @@ class RunConfig(ModelConfig):
                 )
         else:
             check_dataset_name(self.dataset)
+        self._check_latent_map()  # first: a map sets latent_dim to C*H*W
         self._check_latent_and_remedies()
-        self._check_latent_map()
         if self.kl_estimator == "paper-legacy" and self.posterior not in LEGACY_POSTERIORS:
             raise RhovaeError(
                 f"kl-estimator paper-legacy exists for the {' and '.join(LEGACY_POSTERIORS)} posteriors, "

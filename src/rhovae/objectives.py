@@ -169,7 +169,7 @@ class Objective:
         if self.kind == "elbo":
             return out.recon.mean() + self.kl_weight() * self._kl_term(out, model), {}
         prior_z = model.prior().sample((len(out.z),)).to(out.z.dtype)
-        divergence = mmd(out.z, prior_z, self.kernel)
+        divergence = mmd(out.z.flatten(1), prior_z.flatten(1), self.kernel)  # a latent map as a vector
         kl = self._kl_term(out, model)
         loss = out.recon.mean() + (1 - self.alpha) * kl + (self.alpha + self.lam - 1) * divergence
         return loss, {"mmd": divergence}

@@ -217,7 +217,10 @@ class SeparableAR1Normal(Distribution):
         rho_rows (Tensor): correlation of vertically adjacent positions, in (-1, 1), ``batch_shape + (C,)``.
         rho_cols (Tensor): correlation of horizontally adjacent positions, ``batch_shape + (C,)``.
         scale (Tensor): standard deviation, positive: ``batch_shape + (C,)`` (one per channel) or
-            ``batch_shape + (C, H, W)`` (one per position).
+            ``batch_shape + (C, H, W)`` (one per position). A scale whose last three sizes equal the
+            event shape ``(C, H, W)`` is read as one per position: where a batched per-channel scale
+            could have that shape too (its batch ending in ``(C, H)`` with ``W = C``), give it as
+            ``scale[..., None, None].expand(loc.shape)``.
 
     Batch shapes broadcast. ``rsample`` is exact: ``z = loc + scale * (L_rows e L_cols^T)`` with the
     Cholesky factors of :func:`ar1_cholesky`, applied as the two 1-D AR(1) recurrences (along each row,

@@ -308,10 +308,16 @@ def _kl_latent_map_standard(q: LatentMap, p: StandardNormal) -> Tensor:
     """A flat family laid out as a map against N(0, I): the flat family's own KL (closed where it has
     one), summed over the dimensions its ``Independent`` wrappers reinterpret."""
     _check_map_shapes(q, p)
-    inner, summed = q.base, 0
+    dtype, device = p.mean.dtype, p.mean.device
+    try:  # the base against N(0, I) in its own layout (e.g. Independent(Normal, k))
+        return kl_divergence(q.base, StandardNormal(tuple(q.base.event_shape), dtype=dtype, device=device))
+    except NotImplementedError:
+        pass
+    inner, summed = q.base, 0  # Independent(AR1Normal, 1) per channel: the inner family's own KL
     while isinstance(inner, Independent):
         summed += inner.reinterpreted_batch_ndims
         inner = inner.base_dist
-    prior = StandardNormal(tuple(inner.event_shape), dtype=p.mean.dtype, device=p.mean.device)
-    kl = kl_divergence(inner, prior)
+    if not inner.event_shape:
+        raise NotImplementedError(f"no closed-form KL for a latent map of {type(inner).__name__}")
+    kl = kl_divergence(inner, StandardNormal(tuple(inner.event_shape), dtype=dtype, device=device))
     return kl.sum(tuple(range(-summed, 0))) if summed else kl

@@ -78,6 +78,10 @@ class Experiment:
             }
             for k in overridden:
                 choices[k] = getattr(cfg, k)
+            if overridden:  # the run is named after what ran, not after the grid value the option beat
+                values = tuple(
+                    getattr(cfg, k) if k in overridden else v for k, v in zip(keys, values, strict=True)
+                )
             if cfg.latent_dim == 0 or overridden:  # one run, listed once, whatever the grid says
                 key = repr(sorted(cfg.to_dict().items()))
                 if key in seen:
