@@ -29,6 +29,8 @@ REFERENCE_MODULES = [
     "rhovae.distributions",
     "rhovae.distributions.ar1",
     "rhovae.distributions.ar1_2d",
+    "rhovae.distributions.banded",
+    "rhovae.distributions.gp",
     "rhovae.distributions.latent_map",
     "rhovae.distributions.flows",
     "rhovae.distributions.kl",

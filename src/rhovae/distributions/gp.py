@@ -13,9 +13,10 @@ deviation), ``length_scale = 2.0`` and T = 10 for HMNIST (Sprites: the same kern
 ``sigma = 1.005``, ``length_scale = 7``, T = 48); a jitter of ``1e-3`` added to the diagonal, hard-coded
 in its ``cauchy_kernel``; one length scale shared by all latent channels (``kernel_scales = 1``).
 
-The kernel is positive semi-definite (the Cauchy kernel is the rational-quadratic kernel with
-``alpha = 1``, a scale mixture of squared-exponential kernels), so ``K`` has every eigenvalue at least
-``jitter``; its Cholesky factor is computed once, in float64.
+The kernel is positive semi-definite (it is the rational-quadratic kernel with ``alpha = 1``, length
+scale ``length_scale / sqrt(2)``: a scale mixture of squared-exponential kernels), so every eigenvalue of
+``K`` is at least ``jitter``; in floating point the jitter is what keeps ``K`` factorable when the length
+scale is long against T. The Cholesky factor is computed once, in float64.
 """
 
 from __future__ import annotations
