@@ -7,8 +7,8 @@ For channel c the covariance over the ``H * W`` positions (raster order, ``i * W
 
 with ``D_c`` the variances: one per channel (``ar1-2d``, ``Cov_c = s_c T kron T``) or one per position
 (``ar1-2d-diag``). Channels are independent. Every fast operation is O(C H W) per sample (the sample
-is two parallel scans, O(C H W log max(H, W))); the dense views exist for references. Equation numbers
-refer to docs/math.md §15.
+is two products with small matrices of powers, O(C H W (H + W)), or two parallel scans for sides
+beyond 32); the dense views exist for references. Equation numbers refer to docs/math.md §15.
 """
 
 from __future__ import annotations
@@ -55,25 +55,52 @@ def ar1_cholesky(rho: Tensor, n: int) -> Tensor:
     return lower * column_scale.unsqueeze(-2)
 
 
-def _filter_forward(x: Tensor, rho: Tensor, innovation: Tensor) -> Tensor:
+#: up to this length the filter is one matrix product with the matrix of powers (a batched matmul of
+#: small matrices beats the scan's log2(n) steps on a CPU: bench_spatial.py), beyond it the scan
+_DENSE_FILTER_MAX_LENGTH = 32
+
+
+def _powers_matrix(rho: Tensor, n: int) -> Tensor | None:
+    """``F[..., j, k] = rho^(j - k)`` for ``j >= k``, else 0: the AR(1) filter without its innovation
+    scale, ``(..., n, n)`` for ``rho (..., 1, 1)``; None past :data:`_DENSE_FILTER_MAX_LENGTH` (scan).
+    Powers by a cumulative product and a gather (no autograd: the Function supplies the adjoint)."""
+    if n == 1 or n > _DENSE_FILTER_MAX_LENGTH:
+        return None
+    r = rho[..., 0, 0]
+    steps = r.unsqueeze(-1).expand(*r.shape, n - 1)
+    powers = torch.cumprod(torch.cat([torch.ones_like(r).unsqueeze(-1), steps], -1), -1)
+    index = torch.arange(n, device=rho.device)
+    lag = index.unsqueeze(-1) - index
+    return powers[..., lag.clamp(min=0)] * (lag >= 0)
+
+
+def _filter_forward(x: Tensor, rho: Tensor, innovation: Tensor, powers: Tensor | None) -> Tensor:
     """``L(rho) x`` along the last axis (no autograd): ``w_0 = x_0, w_j = rho w_(j-1) + s x_j`` with
-    ``s = sqrt(1 - rho^2)``, by the parallel scan of :mod:`rhovae.distributions.ar1` (docs/math.md §4)."""
+    ``s = sqrt(1 - rho^2)``: ``F (s x)`` with the matrix of powers ``powers`` (:func:`_powers_matrix`),
+    or the parallel scan of :mod:`rhovae.distributions.ar1` (docs/math.md §4) when it is None."""
     if x.shape[-1] == 1:
         return x
-    return _scan_first_order(x, rho, x_scale=innovation, unscaled_first=True)
+    if powers is None:
+        return _scan_first_order(x, rho, x_scale=innovation, unscaled_first=True)
+    scaled = x * innovation
+    scaled[..., 0] = x[..., 0]
+    return scaled @ powers.transpose(-1, -2)
 
 
-def _filter_backward(grad: Tensor, x: Tensor, w: Tensor, rho: Tensor, innovation: Tensor):
+def _filter_backward(
+    grad: Tensor, x: Tensor, w: Tensor, rho: Tensor, innovation: Tensor, powers: Tensor | None
+):
     """The adjoint of :func:`_filter_forward` at its output ``w``: the gradients to its input ``x``
     and to ``rho`` (summed over everything ``rho`` was broadcast against, to ``rho``'s shape).
 
-    With the adjoint ``a_j = sum_(m >= j) rho^(m-j) g_m`` (a reverse scan), ``dL/dx_j = s a_j``
-    (``a_0`` for j = 0) and ``dL/drho = sum_(j >= 1) a_j (w_(j-1) - rho / s x_j)``: the formula of the
-    1-D AR(1) sample's backward (docs/math.md §4).
+    With the adjoint ``a = F^T g``, ``a_j = sum_(m >= j) rho^(m-j) g_m`` (a product with the powers, or a
+    reverse scan), ``dL/dx_j = s a_j`` (``a_0`` for j = 0) and
+    ``dL/drho = sum_(j >= 1) a_j (w_(j-1) - rho / s x_j)``: the formula of the 1-D AR(1) sample's
+    backward (docs/math.md §4).
     """
     if x.shape[-1] == 1:
         return grad, torch.zeros_like(rho)
-    adjoint = _scan_first_order(grad, rho, reverse=True)
+    adjoint = _scan_first_order(grad, rho, reverse=True) if powers is None else grad @ powers
     grad_x = adjoint * innovation
     grad_x[..., 0] = adjoint[..., 0]
     terms = torch.addcmul(w[..., :-1], x[..., 1:], rho / innovation, value=-1)
@@ -83,17 +110,24 @@ def _filter_backward(grad: Tensor, x: Tensor, w: Tensor, rho: Tensor, innovation
 
 class _SeparableFilter(torch.autograd.Function):
     """``L_rows eps L_cols^T`` per channel: the AR(1) recurrence along each row (``rho_cols``), then
-    along each column (``rho_rows``), as one autograd node with the analytic adjoint (two reverse
-    scans): a dozen elementwise nodes per scan step cost several times the diagonal sample.
+    along each column (``rho_rows``), as one autograd node with the analytic adjoint: a dozen
+    elementwise nodes per scan step cost several times the diagonal sample. Each filter is a product
+    with the matrix of powers up to length 32, a parallel scan beyond.
     ``rho_rows`` and ``rho_cols`` are ``(..., C, 1, 1)``, ``eps`` is ``(..., C, H, W)``."""
 
     @staticmethod
     def forward(ctx, eps: Tensor, rho_rows: Tensor, rho_cols: Tensor) -> Tensor:  # type: ignore[override]
         s_cols = _one_minus_sq(rho_cols).sqrt()
         s_rows = _one_minus_sq(rho_rows).sqrt()
-        along_rows = _filter_forward(eps, rho_cols, s_cols)  # (..., H, W): each row filtered
-        out = _filter_forward(along_rows.transpose(-1, -2), rho_rows, s_rows)  # (..., W, H)
-        ctx.saved = (eps, rho_rows, rho_cols, along_rows, out, s_rows, s_cols)
+        f_cols, f_rows = _powers_matrix(rho_cols, eps.shape[-1]), _powers_matrix(rho_rows, eps.shape[-2])
+        if f_cols is not None and f_rows is not None:  # small maps: two products, no transposes
+            along_rows = _scaled_first_kept(eps, s_cols, -1) @ f_cols.transpose(-1, -2)
+            out = f_rows @ _scaled_first_kept(along_rows, s_rows, -2)
+            ctx.saved = (True, eps, rho_rows, rho_cols, along_rows, out, s_rows, s_cols, f_rows, f_cols)
+            return out
+        along_rows = _filter_forward(eps, rho_cols, s_cols, f_cols)  # (..., H, W): each row filtered
+        out = _filter_forward(along_rows.transpose(-1, -2), rho_rows, s_rows, f_rows)  # (..., W, H)
+        ctx.saved = (False, eps, rho_rows, rho_cols, along_rows, out, s_rows, s_cols, f_rows, f_cols)
         return out.transpose(-1, -2)
 
     @staticmethod
@@ -101,12 +135,38 @@ class _SeparableFilter(torch.autograd.Function):
         return _first_order_only(_separable_filter_backward, ctx, grad)
 
 
+def _scaled_first_kept(x: Tensor, innovation: Tensor, dim: int) -> Tensor:
+    """``x`` times the innovation scale along ``dim`` (-1 or -2), its first entry there unscaled."""
+    scaled = x * innovation
+    if dim == -1:
+        scaled[..., 0] = x[..., 0]
+    else:
+        scaled[..., 0, :] = x[..., 0, :]
+    return scaled
+
+
 def _separable_filter_backward(ctx, grad: Tensor):
-    eps, rho_rows, rho_cols, along_rows, out, s_rows, s_cols = ctx.saved
-    grad_mid, grad_rho_rows = _filter_backward(
-        grad.transpose(-1, -2), along_rows.transpose(-1, -2), out, rho_rows, s_rows
-    )
-    grad_eps, grad_rho_cols = _filter_backward(grad_mid.transpose(-1, -2), eps, along_rows, rho_cols, s_cols)
+    dense, eps, rho_rows, rho_cols, along_rows, out, s_rows, s_cols, f_rows, f_cols = ctx.saved
+    if dense:  # the adjoints of the two products (docs/math.md §4, §15), rows first
+        adjoint = f_rows.transpose(-1, -2) @ grad  # (..., H, W)
+        grad_mid = _scaled_first_kept(adjoint, s_rows, -2)
+        terms = torch.addcmul(out[..., :-1, :], along_rows[..., 1:, :], rho_rows / s_rows, value=-1)
+        grad_rho_rows = _reduce_to_shape(
+            (adjoint[..., 1:, :] * terms).sum((-2, -1), keepdim=True), rho_rows.shape
+        )
+        adjoint = grad_mid @ f_cols
+        grad_eps = _scaled_first_kept(adjoint, s_cols, -1)
+        terms = torch.addcmul(along_rows[..., :-1], eps[..., 1:], rho_cols / s_cols, value=-1)
+        grad_rho_cols = _reduce_to_shape(
+            (adjoint[..., 1:] * terms).sum((-2, -1), keepdim=True), rho_cols.shape
+        )
+    else:
+        grad_mid, grad_rho_rows = _filter_backward(
+            grad.transpose(-1, -2), along_rows.transpose(-1, -2), out, rho_rows, s_rows, f_rows
+        )
+        grad_eps, grad_rho_cols = _filter_backward(
+            grad_mid.transpose(-1, -2), eps, along_rows, rho_cols, s_cols, f_cols
+        )
     needs_eps, needs_rows, needs_cols = ctx.needs_input_grad
     return (
         (grad_eps if needs_eps else None),
