@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
-from rhovae.distributions import AR1Normal, LatentMap, SeparableAR1Normal
+from rhovae.distributions import AR1Normal, BandedNormal, LatentMap, SeparableAR1Normal
 from rhovae.distributions.flows import FlowPosterior, IAFStep, PlanarStep, reverse_order
 from rhovae.errors import RhovaeError
 
@@ -30,6 +30,8 @@ __all__ = [
     "DiagonalGaussianHead",
     "FullCovGaussianHead",
     "MAP_HEADS",
+    "TRAJECTORY_HEADS",
+    "TrajectoryHead",
     "MapHead",
     "make_head",
     "make_map_head",
@@ -418,3 +420,60 @@ def _latent_map_statistics(q: LatentMap) -> dict[str, Tensor]:
 @posterior_statistics.register
 def _flow_statistics(q: FlowPosterior) -> dict[str, Tensor]:
     return posterior_statistics(q.base)
+
+
+# --- posteriors over trajectories: a latent of C channels over T frames --------------------------------
+
+#: families over a trajectory latent ``(C, T)`` (channels first, time last), from per-frame features
+TRAJECTORY_HEADS = ("diagonal", "ar1", "banded")
+
+
+class TrajectoryHead(nn.Module):
+    """A posterior over C latent trajectories of T frames from per-frame features ``h (B, T, F)``.
+
+    Returns a distribution with batch ``(B,)`` and event ``(C, T)`` (channels first, time last), each
+    channel's trajectory one of (``family``):
+
+    - ``diagonal``: independent in time, a mean and a variance per frame and channel;
+    - ``ar1``: an :class:`AR1Normal` along time per channel, its ρ and s from a sequence-level summary
+      (the features averaged over the frames), the means per frame;
+    - ``banded``: GP-VAE's structured posterior (Fortuin et al., AISTATS 2020), a
+      :class:`~rhovae.distributions.BandedNormal` per channel whose precision ``B^T B`` has
+      ``B[t, t] = softplus(Linear(h_t)) + 1e-3`` and ``B[t, t+1] = Linear(h_t || h_(t+1))``: each
+      neighbour pair's coupling from the two frames' features.
+
+    Every family is an ``Independent`` over the channels of a distribution over time, so a prior in the
+    same layout (:func:`rhovae.priors.make_trajectory_prior`) gets its closed-form KL per channel.
+    """
+
+    def __init__(self, family: str, in_features: int, channels: int, frames: int) -> None:
+        super().__init__()
+        if family not in TRAJECTORY_HEADS:
+            raise RhovaeError(
+                f"posterior {family!r} has no form over a trajectory; choose one of: "
+                f"{', '.join(TRAJECTORY_HEADS)}"
+            )
+        self.family, self.in_features = family, in_features
+        self.latent_shape = (channels, frames)
+        self.latent_dim = channels * frames
+        self.loc = nn.Linear(in_features, channels)
+        if family == "diagonal":
+            self.log_var = nn.Linear(in_features, channels)
+        elif family == "ar1":
+            self.summary = nn.Linear(in_features, 2 * channels)  # rho, log s per channel
+        else:
+            self.diagonal = nn.Linear(in_features, channels)
+            self.coupling = nn.Linear(2 * in_features, channels)
+
+    def forward(self, h: Tensor) -> Distribution:
+        loc = self.loc(h).transpose(-1, -2)  # (B, C, T)
+        if self.family == "diagonal":
+            std = torch.exp(0.5 * self.log_var(h)).transpose(-1, -2)
+            return Independent(Independent(Normal(loc, std, validate_args=False), 1), 1)
+        if self.family == "ar1":
+            rho_pre, log_var = self.summary(h.mean(-2)).unsqueeze(-1).chunk(2, dim=-2)  # (B, C, 1) each
+            scale = torch.exp(0.5 * log_var)
+            return Independent(AR1Normal(loc, RHO_BOUND * torch.tanh(rho_pre), scale, validate_args=False), 1)
+        diagonal = torch.nn.functional.softplus(self.diagonal(h)).transpose(-1, -2) + 1e-3
+        upper = self.coupling(torch.cat([h[..., :-1, :], h[..., 1:, :]], -1)).transpose(-1, -2)
+        return Independent(BandedNormal(loc, diagonal, upper, validate_args=False), 1)

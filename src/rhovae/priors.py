@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 from torch.distributions.utils import _standard_normal
 
-from rhovae.distributions import AR1Normal, SeparableAR1Normal, StandardNormal
+from rhovae.distributions import AR1Normal, GaussianProcessPrior, SeparableAR1Normal, StandardNormal
 from rhovae.distributions.flows import made_masks
 from rhovae.errors import RhovaeError
 from rhovae.posteriors import RHO_BOUND
@@ -49,6 +49,10 @@ __all__ = [
     "MADEPrior",
     "SeparableAR1Prior",
     "StandardNormalPrior",
+    "TRAJECTORY_PRIORS",
+    "TrajectoryAR1Prior",
+    "TrajectoryStandardPrior",
+    "make_trajectory_prior",
     "committed_rate",
     "make_prior",
 ]
@@ -283,3 +287,57 @@ def make_prior(
             raise RhovaeError(f"a fixed correlation rho is for the ar1 prior, not {name!r}")
         return FixedAR1Prior(latent_dim, rho)
     return PRIORS[name](latent_dim)
+
+
+# --- priors over trajectories: C channels over T frames, event (C, T) ---------------------------------
+
+
+class TrajectoryStandardPrior(nn.Module):
+    """N(0, I) over ``(C, T)`` trajectories, laid out as ``Independent(StandardNormal(T), 1)`` over the
+    channels so that every trajectory posterior's KL is its per-channel closed form."""
+
+    def __init__(self, channels: int, frames: int) -> None:
+        super().__init__()
+        self.latent_shape = (channels, frames)
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    def forward(self) -> Distribution:
+        channels, frames = self.latent_shape
+        p = StandardNormal(frames, dtype=self._anchor.dtype, device=self._anchor.device)
+        return torch.distributions.Independent(p.expand((channels,)), 1)
+
+
+class TrajectoryAR1Prior(nn.Module):
+    """A learned zero-mean AR(1) prior along time per channel, ``N(0, s_c T(rho_c))``, starting at
+    N(0, I): closed-form O(T) KLs to the diagonal, ar1 and banded trajectory posteriors."""
+
+    def __init__(self, channels: int, frames: int) -> None:
+        super().__init__()
+        self.latent_shape = (channels, frames)
+        self.rho_pre = nn.Parameter(torch.zeros(channels, 1))
+        self.log_var = nn.Parameter(torch.zeros(channels, 1))
+
+    def forward(self) -> Distribution:
+        loc = torch.zeros(self.latent_shape, dtype=self.log_var.dtype, device=self.log_var.device)
+        rho = RHO_BOUND * torch.tanh(self.rho_pre)
+        return torch.distributions.Independent(
+            AR1Normal(loc, rho, torch.exp(0.5 * self.log_var), validate_args=False), 1
+        )
+
+
+#: the priors a trajectory latent takes: N(0, I), a learned AR(1) per channel, GP-VAE's Cauchy-kernel GP
+TRAJECTORY_PRIORS = ("standard", "ar1", "gp")
+
+
+def make_trajectory_prior(name: str, channels: int, frames: int) -> nn.Module:
+    """The prior ``name`` of :data:`TRAJECTORY_PRIORS` over ``(C, T)`` trajectories (``gp``:
+    :class:`~rhovae.distributions.GaussianProcessPrior` with GP-VAE's HMNIST kernel)."""
+    if name == "standard":
+        return TrajectoryStandardPrior(channels, frames)
+    if name == "ar1":
+        return TrajectoryAR1Prior(channels, frames)
+    if name == "gp":
+        return GaussianProcessPrior(frames, channels)
+    raise RhovaeError(
+        f"prior {name!r} has no form over trajectories; choose one of: {', '.join(TRAJECTORY_PRIORS)}"
+    )

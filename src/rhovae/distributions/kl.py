@@ -321,3 +321,27 @@ def _kl_latent_map_standard(q: LatentMap, p: StandardNormal) -> Tensor:
         raise NotImplementedError(f"no closed-form KL for a latent map of {type(inner).__name__}")
     kl = kl_divergence(inner, StandardNormal(tuple(inner.event_shape), dtype=dtype, device=device))
     return kl.sum(tuple(range(-summed, 0))) if summed else kl
+
+
+@register_kl(Independent, MultivariateNormal)
+def _kl_independent_mvn(q: Independent, p: MultivariateNormal) -> Tensor:
+    """KL from a diagonal Gaussian to a dense one (e.g. a GP prior), O(d^3) through p's Cholesky
+    factor: ``tr = ||L_p^-1 diag(sigma)||_F^2``, Mahalanobis ``||L_p^-1 (mu - m)||^2`` (torch registers
+    no such pair)."""
+    base = q.base_dist
+    if not isinstance(base, Normal) or q.reinterpreted_batch_ndims != 1:
+        raise NotImplementedError(
+            "closed-form KL(Independent || MultivariateNormal) needs Independent(Normal, 1)"
+        )
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"KL between event shapes {tuple(q.event_shape)} and {tuple(p.event_shape)}")
+    d = q.event_shape[0]
+    batch = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    l_p = p._unbroadcasted_scale_tril.expand(batch + (d, d))
+    std = base.scale.expand(batch + (d,))
+    trace = torch.linalg.solve_triangular(l_p, torch.diag_embed(std), upper=False).pow(2).sum((-2, -1))
+    diff = (base.loc - p.loc).expand(batch + (d,)).unsqueeze(-1)
+    mahalanobis = torch.linalg.solve_triangular(l_p, diff, upper=False).pow(2).sum((-2, -1))
+    log_det_p = 2 * l_p.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    log_det_q = 2 * std.log().sum(-1)
+    return 0.5 * (trace + mahalanobis - d + log_det_p - log_det_q)
