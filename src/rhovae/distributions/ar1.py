@@ -61,6 +61,26 @@ def _args_valid(loc: Tensor, one_minus_rho_sq: Tensor, scale: Tensor) -> bool:
     return float(torch.minimum(one_minus_rho_sq, scale).amin()) > 0 and not math.isnan(float(loc.sum()))
 
 
+def _keep_validate_args(dist: Distribution, validate_args: bool | None) -> None:
+    """Record ``validate_args`` on ``dist`` as torch does: ``None`` follows the class default at use
+    time (``Distribution.set_default_validate_args``), so a later change of the default still applies.
+    The distributions here call ``Distribution.__init__`` with validation off and check their own
+    arguments in one fused test, then record the caller's choice with this."""
+    if validate_args is None:
+        dist.__dict__.pop("_validate_args", None)
+    else:
+        dist._validate_args = validate_args
+
+
+def _raise_first_invalid(family: str, checks) -> None:
+    """Raise one line naming the first argument of ``family`` whose check fails, how many of its values
+    are bad and what it needs: ``checks`` are ``(name, ok: bool Tensor, what it needs)``. Torch's own
+    message prints the whole tensor; a user's head needs the name and the fix."""
+    for name, ok, needs in checks:
+        if not bool(ok.all()):
+            raise ValueError(f"{family}: {name} has {int((~ok).sum())} invalid value(s); it needs {needs}")
+
+
 def _reduce_to_shape(t: Tensor, shape: torch.Size) -> Tensor:
     """Sum a broadcast gradient back onto the shape of the input it came from."""
     if t.shape == shape:
@@ -383,17 +403,10 @@ class AR1Normal(Distribution):
         # in two reductions, and only a failure runs torch's loop, for its message naming the argument.
         event_shape = torch.Size((d,))
         super().__init__(batch_shape, event_shape, validate_args=False)
-        self._keep_validate_args(validate_args)
+        _keep_validate_args(self, validate_args)
         if self._validate_args and not _args_valid(self.loc, self._one_minus_rho_sq_detached(), self.scale):
             Distribution.__init__(self, batch_shape, event_shape, validate_args=True)
-            self._keep_validate_args(validate_args)
-
-    def _keep_validate_args(self, validate_args: bool | None) -> None:
-        """Record ``validate_args`` as torch does: ``None`` follows the class default at use time."""
-        if validate_args is None:
-            self.__dict__.pop("_validate_args", None)
-        else:
-            self._validate_args = validate_args
+            _keep_validate_args(self, validate_args)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(AR1Normal, _instance)

@@ -23,17 +23,17 @@ from torch.distributions.utils import lazy_property
 
 from rhovae.distributions.ar1 import (
     _first_order_only,
+    _keep_validate_args,
+    _raise_first_invalid,
     _reduce_to_shape,
     _scan_first_order,
     open_unit_interval,
 )
+from rhovae.distributions.ar1 import (
+    _one_minus_rho_sq as _one_minus_sq,
+)
 
 __all__ = ["SeparableAR1Normal", "ar1_cholesky"]
-
-
-def _one_minus_sq(rho: Tensor) -> Tensor:
-    """``1 - rho^2`` as ``(1 - rho)(1 + rho)``: no cancellation as ``|rho| -> 1``."""
-    return (1 - rho) * (1 + rho)
 
 
 def ar1_cholesky(rho: Tensor, n: int) -> Tensor:
@@ -342,10 +342,7 @@ class SeparableAR1Normal(Distribution):
         # decided once: an expanded per-channel scale can have the map's shape by coincidence
         self._per_position = per_position
         super().__init__(batch_shape, event_shape, validate_args=False)
-        if validate_args is None:  # torch's default (Distribution.set_default_validate_args) applies
-            self.__dict__.pop("_validate_args", None)
-        else:
-            self._validate_args = validate_args
+        _keep_validate_args(self, validate_args)
         if self._validate_args:
             self._check_arguments()
 
@@ -376,10 +373,7 @@ class SeparableAR1Normal(Distribution):
             ),
             ("scale", self.scale > 0, "positive values: exponentiate a head's log-variance"),
         )
-        for name, ok, fix in checks:
-            if not bool(ok.all()):
-                bad = int((~ok).sum())
-                raise ValueError(f"SeparableAR1Normal: {name} has {bad} invalid value(s); it needs {fix}")
+        _raise_first_invalid("SeparableAR1Normal", checks)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(SeparableAR1Normal, _instance)

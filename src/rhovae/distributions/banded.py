@@ -63,7 +63,9 @@ from rhovae.distributions.ar1 import (
     _ar1_logdet,
     _ar1_mahalanobis,
     _first_order_only,
+    _keep_validate_args,
     _one_minus_rho_sq,
+    _raise_first_invalid,
     _reduce_to_shape,
 )
 from rhovae.distributions.standard_normal import StandardNormal
@@ -238,10 +240,7 @@ class BandedNormal(Distribution):
         self.diagonal = diagonal.expand(batch_shape + (t,))
         self.upper = upper.expand(batch_shape + (t - 1,))
         super().__init__(batch_shape, torch.Size((t,)), validate_args=False)
-        if validate_args is None:  # torch's default (Distribution.set_default_validate_args) applies
-            self.__dict__.pop("_validate_args", None)
-        else:
-            self._validate_args = validate_args
+        _keep_validate_args(self, validate_args)
         if self._validate_args:
             self._check_arguments()
 
@@ -261,10 +260,7 @@ class BandedNormal(Distribution):
             ("diagonal", self.diagonal > 0, "positive values: exponentiate (softplus) a head's output"),
             ("upper", ~self.upper.isnan(), "no NaN"),
         )
-        for name, ok, fix in checks:
-            if not bool(ok.all()):
-                bad = int((~ok).sum())
-                raise ValueError(f"BandedNormal: {name} has {bad} invalid value(s); it needs {fix}")
+        _raise_first_invalid("BandedNormal", checks)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(BandedNormal, _instance)
