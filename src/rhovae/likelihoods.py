@@ -28,6 +28,8 @@ __all__ = [
     "DecoderLikelihood",
     "GaussianLikelihood",
     "GaussianPerFeatureLikelihood",
+    "MaskedLikelihood",
+    "MaskedObservations",
     "make_likelihood",
 ]
 
@@ -109,6 +111,61 @@ LIKELIHOODS: dict[str, type[_Likelihood]] = {
 }
 
 
-def make_likelihood(name: str, data_shape: tuple[int, ...]) -> nn.Module:
-    """The likelihood module ``name`` for data of shape ``data_shape`` (the name is checked by the config)."""
-    return LIKELIHOODS[name](data_shape)
+class MaskedObservations(Distribution):
+    """``p(x_obs | z)``: a likelihood over data with missing values, scoring the observed values only.
+
+    Wraps ``Independent(base, n)`` (any elementwise ``base``); ``log_prob(x)`` is the sum of
+    ``base.log_prob`` over the values of ``x`` that are not NaN, ``(N,)`` nats: missing values (NaN)
+    contribute nothing, so the ELBO and the IWAE bound are those of the observed values
+    (``log p(x_obs) = log ∫ p(x_obs | z) p(z) dz`` for a decoder that factorises over values).
+    ``mean`` and ``sample`` cover every value, missing ones included: the imputation.
+    ``log_prob_values(x)`` gives the per-value log-densities (for scoring imputations).
+    """
+
+    arg_constraints: dict = {}
+
+    def __init__(self, inner: Independent) -> None:
+        self.inner = inner
+        super().__init__(inner.batch_shape, inner.event_shape, validate_args=False)
+
+    @property
+    def base(self) -> Distribution:
+        """The elementwise distribution, batch ``(N, *data_shape)``."""
+        return self.inner.base_dist
+
+    @property
+    def mean(self) -> Tensor:
+        return self.inner.mean
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008 - torch's signature
+        return self.inner.sample(sample_shape)
+
+    def log_prob_values(self, x: Tensor) -> Tensor:
+        """``log p(x_i | z)`` per value, ``(N, *data_shape)``; 0 where ``x`` is NaN."""
+        observed = ~x.isnan()
+        lp = self.base.log_prob(x.masked_fill(~observed, 0.0))
+        return lp.masked_fill(~observed, 0.0)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.log_prob_values(x).flatten(-len(self.event_shape)).sum(-1)
+
+
+class MaskedLikelihood(nn.Module):
+    """A likelihood module whose distributions score observed values only (:class:`MaskedObservations`);
+    the frames model wraps its likelihood in it. ``inner`` keeps its own parameters (a Gaussian's sigma)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.data_shape = inner.data_shape
+        self.unit_interval, self.normalised = inner.unit_interval, inner.normalised
+
+    def forward(self, params: Tensor) -> Distribution:
+        return MaskedObservations(self.inner(params))
+
+
+def make_likelihood(name: str, data_shape: tuple[int, ...], masked: bool = False) -> nn.Module:
+    """The likelihood module ``name`` for data of shape ``data_shape`` (the name is checked by the config);
+    ``masked``: wrapped in :class:`MaskedLikelihood` (data with missing values as NaN)."""
+    module = LIKELIHOODS[name](data_shape)
+    return MaskedLikelihood(module) if masked else module

@@ -41,10 +41,10 @@ from rhovae.nets import (
     SpatialConvDecoder,
     SpatialConvEncoder,
 )
-from rhovae.posteriors import make_head, make_map_head, posterior_names, with_batchnorm_means
-from rhovae.priors import PRIORS, make_prior
+from rhovae.posteriors import TrajectoryHead, make_head, make_map_head, posterior_names, with_batchnorm_means
+from rhovae.priors import PRIORS, TRAJECTORY_PRIORS, make_prior, make_trajectory_prior
 
-__all__ = ["MODELS", "VAE", "Backbone", "ModelConfig", "VAEOutput", "build_model", "kl_term"]
+__all__ = ["FRAME_MODELS", "MODELS", "VAE", "Backbone", "ModelConfig", "VAEOutput", "build_model", "kl_term"]
 
 
 @dataclass
@@ -258,7 +258,8 @@ class ModelConfig:
             "posterior family: diagonal, ar1 (the paper's 2-scalar AR(1)), ar1-diag (AR(1) with "
             "per-dimension scales), isotropic (N(mu, s I): ar1 with rho = 0), full (full covariance), planar "
             "or iaf (flows on the diagonal base), "
-            "or BASE+FLOW such as ar1+iaf",
+            "or BASE+FLOW such as ar1+iaf; --model frames: diagonal, ar1 (along time per channel) or "
+            "banded (GP-VAE's bidiagonal-precision posterior)",
             posterior_names,
         ),
     )
@@ -266,8 +267,10 @@ class ModelConfig:
         default="standard",
         metadata=_help(
             "prior p(z): standard (N(0, I)), ar1 (a learned AR(1) Gaussian) or made (a learned Gaussian "
-            "autoregressive prior from a MADE); with latent groups, the prior of the top group",
-            lambda: sorted(PRIORS),
+            "autoregressive prior from a MADE); with latent groups, the prior of the top group; "
+            "--model frames: standard, ar1 (a learned AR(1) along time per channel) or gp (GP-VAE's "
+            "Cauchy-kernel Gaussian process)",
+            lambda: sorted({*PRIORS, *TRAJECTORY_PRIORS}),
         ),
     )
     prior_rho: float = field(
@@ -299,7 +302,8 @@ class ModelConfig:
         default=10,
         metadata=_help(
             "size d of the latent vector; 0 (--model lstm): no latent, the language-model baseline; "
-            "with --latent-shape it is set to C*H*W"
+            "with --latent-shape it is set to C*H*W; --model frames: channels C per frame (each a "
+            "trajectory over the T frames)"
         ),
     )
     latent_shape: str = field(
@@ -318,6 +322,14 @@ class ModelConfig:
             "features the mlp, cnn and lstm backbones hand to the posterior head, and the lstm's width; "
             "0: the model's default (mlp, cnn: 400; lstm: 128, so that a words run takes minutes on a "
             "CPU; betavae: 256, infovae: 1024, fixed)"
+        ),
+    )
+    frame_net: str = field(
+        default="mlp",
+        metadata=_help(
+            "--model frames: the network applied to each frame, mlp (any frame shape) or conv (the "
+            "paper's cnn, image frames)",
+            lambda: ["mlp", "conv"],
         ),
     )
     flow_steps: int = field(default=4, metadata=_help("number of flow steps of planar/iaf posteriors"))
@@ -440,12 +452,29 @@ def _lstm(cfg: ModelConfig, shape: tuple[int, ...], meta: dict[str, Any]) -> tup
     return encoder, LSTMDecoder(cfg.latent_dim, shape, vocab, cfg.hidden, cfg.word_dropout)
 
 
+def _frames(cfg: ModelConfig, shape: tuple[int, ...], meta: dict[str, Any]) -> tuple[nn.Module, nn.Module]:
+    from rhovae.nets.frames import FrameDecoder, FrameEncoder
+
+    if "frames" not in meta or len(shape) < 2:
+        raise RhovaeError(
+            f"the frames model takes sequences of frames (rotating:mnist-5k, rotating:fashion-mnist, or "
+            f"npz:PATH with --model frames), got data of shape {tuple(shape)}"
+        )
+    encoder = FrameEncoder(shape, cfg.hidden, cfg.frame_net)
+    return encoder, FrameDecoder(cfg.latent_dim, shape, cfg.hidden, cfg.frame_net)
+
+
+#: the backbones over frame sequences (``(T, *frame)`` data, a latent trajectory per channel)
+FRAME_MODELS = ("frames",)
+
+
 MODELS: dict[str, Backbone] = {
     "mlp": Backbone(_mlp),
     "cnn": Backbone(_cnn),
     "betavae": Backbone(_betavae, input_size=(64, 64), beta=4.0),
     "infovae": Backbone(_infovae, objective="infovae"),
     "lstm": Backbone(_lstm, likelihood="decoder", hidden=128),
+    "frames": Backbone(_frames, hidden=256),
 }
 
 
@@ -557,6 +586,12 @@ def build_model(
             encoder, decoder = MODELS[cfg.model].build(cfg, data_shape, meta or {})
     if cfg.latent_dim == 0:  # no latent: the decoder alone (the sequence model's language-model baseline)
         encoder = NoEncoder()
+    if cfg.model in FRAME_MODELS:  # per-frame features (B, T, F) feed a posterior over trajectories
+        frames = data_shape[0]
+        head = TrajectoryHead(cfg.posterior, encoder.out_features, cfg.latent_dim, frames)
+        prior = make_trajectory_prior(cfg.prior, cfg.latent_dim, frames)
+        likelihood = make_likelihood(cfg.likelihood, data_shape, masked=True)
+        return VAE(encoder, head, decoder, likelihood, prior)
     latent_shape = parse_latent_shape(cfg.latent_shape)
     if latent_shape is not None:  # a latent map: the encoder's feature map feeds a map head
         out_shape = getattr(encoder, "out_shape", None)

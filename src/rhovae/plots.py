@@ -20,13 +20,21 @@ def is_image_shape(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[0] in (1, 3)
 
 
+def is_frame_shape(shape: tuple[int, ...]) -> bool:
+    """True for sequences of pictures ``(T, C, H, W)``."""
+    return len(shape) == 4 and is_image_shape(shape[1:])
+
+
 def save_pictures(model, data, run_dir: Path, seed: int = 0) -> list[Path]:
     """``samples.png`` (64 prior samples) and ``reconstructions.png`` (32 test examples beside their
-    reconstructions) for image data, written in eval mode; nothing for other data."""
+    reconstructions) for image data, written in eval mode; the frames model's pictures
+    (:func:`save_frame_pictures`) for frame sequences; nothing for other data."""
     import torch
 
     if "vocab" in data.meta:
         return save_sequence_text(model, data, run_dir, seed)
+    if is_frame_shape(tuple(data.data_shape)):
+        return save_frame_pictures(model, data, run_dir, seed)
     if not is_image_shape(tuple(data.data_shape)):
         return []
     was_training = model.training
@@ -39,6 +47,67 @@ def save_pictures(model, data, run_dir: Path, seed: int = 0) -> list[Path]:
     finally:
         model.train(was_training)
     return [samples, recons]
+
+
+#: the colour missing values are drawn in (RGB)
+MISSING_COLOUR = (0.85, 0.1, 0.1)
+
+
+def save_frame_pictures(model, data, run_dir: Path, seed: int = 0, n: int = 4) -> list[Path]:
+    """The frames model's pictures, in eval mode, for ``n`` test sequences (one frame per column):
+
+    - ``imputation.png``: per sequence three rows: the complete frames (where known, else the observed
+      values), the observed values with missing ones in red, and the imputation (the mean of p(x|z) at
+      the posterior mean, every value);
+    - ``trajectories.png``: the posterior trajectories of the first sequence, mean ± 2 standard
+      deviations over time for up to 6 channels;
+    - ``samples.png``: 8 sequences decoded from prior draws (rows).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import torch
+
+    run_dir = Path(run_dir)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = data.test[: min(n, len(data.test))]
+            truth = data.truth.get("test")
+            full = truth[: len(x)] if truth is not None else x.nan_to_num(0.0)
+            q = model.posterior(x)
+            imputed = model.decode(q.mean).mean
+            frames = x.shape[1]
+            missing = x.isnan()
+            rgb = lambda v: v.expand(*v.shape[:2], 3, *v.shape[-2:])  # noqa: E731 - grey or RGB frames
+            shown = rgb(x.nan_to_num(0.0)).clone()
+            red = torch.tensor(MISSING_COLOUR, device=x.device).view(3, 1, 1).expand_as(shown)
+            shown = torch.where(rgb(missing.to(x.dtype)) > 0, red, shown)
+            rows = torch.stack([rgb(full), shown, rgb(imputed)], dim=1)  # (n, 3, T, 3, H, W)
+            written = [save_image_grid(rows.flatten(0, 2), run_dir / "imputation.png", nrow=frames)]
+            loc, sd = q.mean[0].cpu(), q.variance[0].sqrt().cpu()  # (C, T)
+            samples = model.sample(8, seed=seed)
+        written.append(save_image_grid(rgb(samples).flatten(0, 1), run_dir / "samples.png", nrow=frames))
+    finally:
+        model.train(was_training)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    t = np.arange(loc.shape[1])
+    for c in range(min(6, loc.shape[0])):
+        (line,) = ax.plot(t, loc[c].numpy(), marker="o", ms=3, label=f"channel {c}")
+        ax.fill_between(t, (loc[c] - 2 * sd[c]).numpy(), (loc[c] + 2 * sd[c]).numpy(), alpha=0.2,
+                        color=line.get_color())  # fmt: skip
+    ax.set_xlabel("frame t")
+    ax.set_ylabel("z (posterior mean ± 2 sd)")
+    ax.set_title("posterior trajectories of test sequence 0")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    path = run_dir / "trajectories.png"
+    _atomic_png(path, lambda p: fig.savefig(p, dpi=100))
+    plt.close(fig)
+    written.append(path)
+    return written
 
 
 def image_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -163,6 +232,7 @@ def explore(model, data, out_dir: str | Path, seed: int = 0, n_steps: int = 9) -
     - ``interpolations.png``: 8 pairs of test examples, linear paths between their posterior means;
     - ``latent_pca.png``: the test split's posterior means on their two principal axes, coloured by
       label when the data has labels;
+    - for frame sequences: the frames model's pictures (:func:`save_frame_pictures`);
     - for a latent map ``(C, H, W)``: ``channel_means.png``, the posterior mean map of every channel
       (columns) for 8 test examples (rows), each map scaled to its own range; the traversals then
       sweep the centre position of each channel (rows are channels).
@@ -199,6 +269,8 @@ def explore(model, data, out_dir: str | Path, seed: int = 0, n_steps: int = 9) -
         traversed = [k * h * w + (h // 2) * w + w // 2 for k in range(c)]
     else:
         traversed = list(range(d))
+    if is_frame_shape(tuple(data.data_shape)):
+        written.extend(save_frame_pictures(model, data, out, seed))
     if is_image_shape(tuple(data.data_shape)):
         sd = means.std(0) if len(means) > 1 else torch.ones(d, device=means.device)
         anchor = means[int(torch.randint(len(means), (1,), generator=g))]

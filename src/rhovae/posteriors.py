@@ -225,13 +225,16 @@ def with_batchnorm_means(head: nn.Module, gamma: float) -> nn.Module:
 
 def posterior_names() -> list[str]:
     """Every posterior name a run takes: base families, flows on the diagonal base, base+flow (flat
-    latents) and the families only a latent map has (``ar1-2d``, ``ar1-2d-diag``)."""
+    latents), the families only a latent map has (``ar1-2d``, ``ar1-2d-diag``) and the one only a
+    trajectory has (``banded``, the frames model)."""
     flat = sorted(HEADS) + list(FLOWS) + [f"{b}+{f}" for b in sorted(HEADS) for f in FLOWS]
-    return flat + MAP_ONLY
+    return flat + MAP_ONLY + TRAJECTORY_ONLY
 
 
 #: the families that exist only over a latent map (``--latent-shape``)
 MAP_ONLY = ["ar1-2d", "ar1-2d-diag"]
+#: the families that exist only over latent trajectories (``--model frames``)
+TRAJECTORY_ONLY = ["banded"]
 
 
 def make_head(name: str, in_features: int, latent_dim: int, flow_steps: int = 4) -> nn.Module:
@@ -415,6 +418,15 @@ def _latent_map_statistics(q: LatentMap) -> dict[str, Tensor]:
     while isinstance(inner, Independent):
         inner = inner.base_dist
     return posterior_statistics(inner)
+
+
+@posterior_statistics.register
+def _independent_statistics(q: Independent) -> dict[str, Tensor]:
+    # the trajectory head's Independent(AR1Normal, 1) over channels: rho (B, C) and s per channel
+    inner = q.base_dist
+    if isinstance(inner, AR1Normal):
+        return {"rho": inner.rho[..., 0], "s": inner.scale.pow(2)}
+    return {}
 
 
 @posterior_statistics.register

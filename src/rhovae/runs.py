@@ -32,7 +32,7 @@ from rhovae.data import Data, Preprocessing, RawSplits, load_data
 from rhovae.errors import RhovaeError
 from rhovae.files import is_regular_file, require_regular_file  # noqa: F401 - re-exported
 from rhovae.likelihoods import LIKELIHOODS
-from rhovae.model import MODELS, VAE, build_model
+from rhovae.model import FRAME_MODELS, MODELS, VAE, build_model
 
 log = logging.getLogger(__name__)
 
@@ -504,6 +504,13 @@ def prepare_data(cfg: RunConfig, device: torch.device, raw: RawSplits | None = N
             "this run was trained on data given to rhovae.fit; evaluate it from Python: "
             "rhovae.load(run_dir).log_likelihood(x)"
         )
+    if cfg.model in FRAME_MODELS:
+        from rhovae.data.frame_data import load_frames
+
+        return load_frames(
+            cfg.dataset, cfg.data_dir or None, cfg.pixels, cfg.val_size, device, cfg.limit or None,
+            cfg.frames, cfg.missing_rate,
+        )  # fmt: skip
     backbone = MODELS.get(cfg.model)
     return load_data(
         cfg.dataset,

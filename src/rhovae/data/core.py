@@ -146,6 +146,8 @@ class Data:
     are binarised with fixed seeds under ``static``/``dynamic`` pixels, ``train`` once under ``static``
     and per batch under ``dynamic`` (:meth:`train_batches`). Labels are int64 on the CPU (None when the
     source has none); ``meta`` holds the source's JSON-serialisable extras (e.g. ``classes``).
+    Frame sequences (:func:`rhovae.data.frame_data.load_frames`) mark missing values NaN and keep the
+    complete values, where known, in ``truth`` (split name -> tensor).
     """
 
     train: Split
@@ -161,6 +163,8 @@ class Data:
     meta: dict[str, Any] = field(default_factory=dict)
     preprocessing: Preprocessing | None = field(default=None, repr=False)  # None: data_shape, no scaling
     device: torch.device | None = None  # None: the train split's device
+    #: the complete values of splits with missing values (NaN), where known (frame sequences)
+    truth: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.data_shape = tuple(self.data_shape) or tuple(self.train.shape[1:])

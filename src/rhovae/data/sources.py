@@ -445,19 +445,27 @@ PREFIX_SOURCES: dict[str, Callable[[Path, SourceOptions], RawSplits]] = {
 _PREFIX_HELP = {"npz": "npz:PATH (a .npz or .npy file)", "folder": "folder:PATH (an image folder)"}
 
 
+#: the image datasets ``rotating:NAME`` turns into sequences of rotating frames (the frames model)
+ROTATING_BASES = ("mnist-5k", "fashion-mnist", "mnist")
+
+
 def dataset_names() -> list[str]:
     """The built-in names and the prefix forms, for help texts: ``[..., "npz:PATH", "folder:PATH"]``."""
-    return [*DATASETS, *(f"{p}:PATH" for p in PREFIX_SOURCES)]
+    return [*DATASETS, *(f"rotating:{b}" for b in ROTATING_BASES), *(f"{p}:PATH" for p in PREFIX_SOURCES)]
 
 
 def check_dataset_name(name: str) -> None:
-    """Raise :class:`RhovaeError` unless ``name`` is a built-in dataset or ``PREFIX:PATH`` (reads nothing)."""
+    """Raise :class:`RhovaeError` unless ``name`` is a built-in dataset, ``rotating:NAME`` or
+    ``PREFIX:PATH`` (reads nothing)."""
     prefix, sep, rest = name.partition(":")
     if name in DATASETS or (sep and prefix in PREFIX_SOURCES and rest):
         return
+    if prefix == "rotating" and rest in ROTATING_BASES:
+        return
     forms = [_PREFIX_HELP.get(p, f"{p}:PATH") for p in PREFIX_SOURCES]
+    rotating = ", ".join(f"rotating:{b}" for b in ROTATING_BASES)
     raise RhovaeError(
-        f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}, or {', '.join(forms)}"
+        f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}, {rotating}, or {', '.join(forms)}"
     )
 
 

@@ -36,8 +36,16 @@ OPTIONAL_METRICS = [
     "novelty",
     "interpolation_validity",
     "mutual_information",
+    "imputation_nll",
+    "imputation_mse",
+    "imputation_mse_mean",
 ]
+#: paired like the bounds when every run of a pair has them (frame sequences with known missing values)
+PAIRED_OPTIONAL = ["imputation_nll", "imputation_mse"]
 METRIC_NAMES = {
+    "imputation_nll": "imput. NLL/value",
+    "imputation_mse": "imput. MSE",
+    "imputation_mse_mean": "mean-imput. MSE",
     "recon_seq_acc": "recon. sequences",
     "recon_token_acc": "recon. tokens",
     "validity": "validity",
@@ -144,6 +152,11 @@ def write_report(exp: Experiment, out: str | Path, wall_seconds: float | None = 
             entry = {**dict(zip(setup_keys, setup, strict=True)), "posterior": post, "baseline": exp.baseline}
             for m in ("test_neg_elbo", "iwae_nll"):
                 entry[m] = paired_difference([float(a[m]) for a, _ in pairs], [float(b[m]) for _, b in pairs])
+            for m in PAIRED_OPTIONAL:
+                if all(m in a and m in b for a, b in pairs):
+                    entry[m] = paired_difference(
+                        [float(a[m]) for a, _ in pairs], [float(b[m]) for _, b in pairs]
+                    )
             paired.append(entry)
 
     versus_lm = _versus_language_model(exp, rows, setup_keys)
@@ -245,7 +258,17 @@ def _markdown(exp: Experiment, report: dict, setup_keys: list[str], legacy: bool
     for s in report["summary"]:
         cells = [str(s[k]) for k in setup_keys] + [str(s["posterior"]), str(s["seeds"])]
         cells += [
-            _fmt(s[k], 1 if k == "active_units" else 3 if k in OPTIONAL_METRICS else 2) for k in metrics
+            _fmt(
+                s[k],
+                1
+                if k == "active_units"
+                else 4
+                if k.startswith("imputation")
+                else 3
+                if k in OPTIONAL_METRICS
+                else 2,
+            )
+            for k in metrics
         ]
         cells += [f"{s['parameters']:,}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -258,14 +281,17 @@ def _markdown(exp: Experiment, report: dict, setup_keys: list[str], legacy: bool
             "Mean difference with its 95% Student-t interval over seeds.",
             "",
         ]
+        extra = [m for m in PAIRED_OPTIONAL if all(m in p for p in report["paired"])]
         head = [*setup_keys, "posterior", "n", "Δ test −ELBO [95% CI]", "Δ IWAE NLL [95% CI]"]
+        head += [f"Δ {METRIC_NAMES[m]} [95% CI]" for m in extra]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for p in report["paired"]:
             cells = [str(p[k]) for k in setup_keys] + [p["posterior"], str(p["test_neg_elbo"]["n"])]
-            for key in ("test_neg_elbo", "iwae_nll"):
+            for key in ("test_neg_elbo", "iwae_nll", *extra):
                 d = p[key]
-                ci = "" if math.isnan(d["low"]) else f" [{d['low']:+.2f}, {d['high']:+.2f}]"
-                cells.append(f"{d['mean']:+.2f}{ci}")
+                digits = 2 if key in ("test_neg_elbo", "iwae_nll") else 4
+                ci = "" if math.isnan(d["low"]) else f" [{d['low']:+.{digits}f}, {d['high']:+.{digits}f}]"
+                cells.append(f"{d['mean']:+.{digits}f}{ci}")
             lines.append("| " + " | ".join(cells) + " |")
     if report.get("versus_lm"):
         lines += [
