@@ -334,3 +334,15 @@ def test_train_evaluate_explore_on_rotating_frames(tmp_path, idx_dir, capsys):
     assert record["imputation_mse"] < 1 and record["imputation_nll"] > 0
     assert main(["-q", "explore", str(run), "--device", "cpu"]) == 0
     assert (run / "explore" / "imputation.png").is_file()
+    assert (
+        main(["-q", "sample", str(run), "-n", "3", "--device", "cpu", "--out", str(tmp_path / "s.png")]) == 0
+    )
+    assert (
+        main(["-q", "reconstruct", str(run), "-n", "2", "--device", "cpu", "--out", str(tmp_path / "r.png")])
+        == 0
+    )
+    from PIL import Image
+
+    # 12x12 frames with 2-pixel gaps: T = 4 columns; 3 sampled sequences, 2 sequences x (input, imputation)
+    assert Image.open(tmp_path / "s.png").size == (4 * 14 + 2, 3 * 14 + 2)
+    assert Image.open(tmp_path / "r.png").size == (4 * 14 + 2, 4 * 14 + 2)

@@ -199,13 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
         "greedy)",
     )
     p.add_argument(
-        "--out", type=Path, help="output file (default: RUN/samples.png; RUN/samples.pt for vector data)"
+        "--out",
+        type=Path,
+        help="output file (default: RUN/samples.png, one sequence a row for frame sequences; RUN/samples.pt "
+        "for vector data)",
     )
 
     p = sub.add_parser(
         "reconstruct",
         help="write test images beside their reconstructions",
-        description="Encode test images, decode the posterior means, write pairs as a PNG grid.",
+        description="Encode test images, decode the posterior means, write pairs as a PNG grid (frame "
+        "sequences: each sequence, missing values black, above its imputation, one frame a column).",
     )
     _add_run_flags(p)
     p.add_argument("-n", type=int, default=32, help="number of test images (default: 32)")
@@ -378,7 +382,7 @@ MAX_SAMPLES = 4096
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from rhovae.plots import is_image_shape, save_image_grid
+    from rhovae.plots import is_frame_shape, is_image_shape, save_image_grid
     from rhovae.runs import load_run
 
     if not 1 <= args.n <= MAX_SAMPLES:
@@ -404,9 +408,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for s in samples:
             print(to_text(s, vocab))
         return 0
-    images = is_image_shape(tuple(ckpt["data_shape"]))
+    shape = tuple(ckpt["data_shape"])
+    frames = is_frame_shape(shape)  # sequences of frames: one sequence a row
+    images = is_image_shape(shape) or frames
     out = _output_file(args.out, args.run, "samples.png" if images else "samples.pt")
     samples = model.sample(args.n, seed=args.seed)
+    if frames:
+        save_image_grid(samples.flatten(0, 1), out, nrow=shape[0])
+        print(out)
+        return 0
     if not images:
         from rhovae.runs import save_atomic
 
@@ -421,13 +431,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     import torch
 
-    from rhovae.plots import is_image_shape, save_image_grid
+    from rhovae.plots import is_frame_shape, is_image_shape, save_image_grid
     from rhovae.runs import load_run
 
     if not 1 <= args.n <= MAX_SAMPLES:
         raise RhovaeError(f"-n must be between 1 and {MAX_SAMPLES}, got {args.n}")
     model, cfg, ckpt = load_run(args.run, args.checkpoint, args.device)
-    if not is_image_shape(tuple(ckpt["data_shape"])):
+    shape = tuple(ckpt["data_shape"])
+    if is_frame_shape(shape):  # each test sequence (missing values black) above its imputation
+        x = _test_split(cfg, model.device, args.n)
+        pairs = torch.stack([x.nan_to_num(0.0), model.reconstruct(x)], dim=1).flatten(0, 2)
+        out = _output_file(args.out, args.run, "reconstructions.png")
+        save_image_grid(pairs, out, nrow=shape[0])
+        print(out)
+        return 0
+    if not is_image_shape(shape):
         raise RhovaeError(f"{args.run}: reconstructions are pictures; this run's data is not images")
     out = _output_file(args.out, args.run, "reconstructions.png")
     x = _test_split(cfg, model.device, args.n)

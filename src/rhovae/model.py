@@ -319,9 +319,9 @@ class ModelConfig:
     hidden: int = field(
         default=0,
         metadata=_help(
-            "features the mlp, cnn and lstm backbones hand to the posterior head, and the lstm's width; "
-            "0: the model's default (mlp, cnn: 400; lstm: 128, so that a words run takes minutes on a "
-            "CPU; betavae: 256, infovae: 1024, fixed)"
+            "features the mlp, cnn, lstm and frames backbones hand to the posterior head, and the lstm's "
+            "width; 0: the model's default (mlp, cnn: 400; lstm: 128, so that a words run takes minutes on "
+            "a CPU; frames: 256, per frame, as GP-VAE's HMNIST networks; betavae: 256, infovae: 1024, fixed)"
         ),
     )
     frame_net: str = field(

@@ -10,7 +10,7 @@ AISTATS 2020; code: github.com/ratschlab/GP-VAE). Every fast operation is O(T) p
 and the variances are parallel scans, O(T log T) work in ceil(log2 T) vectorised steps); the dense views
 exist for references and for the KL to a dense Gaussian, and are never touched by the fast paths.
 
-The identities used, numbered (B1)-(B6) here; docs/math.md has no section on this family yet. With
+The identities used, numbered (B1)-(B6) here (docs/math.md §16 summarises them). With
 ``d = diagonal``, ``u = upper`` and ``Sigma = B^-1 B^-T``:
 
 (B1) Sample: ``z = loc + x`` with ``B x = eps``, ``eps ~ N(0, I)``, i.e. ``x_(T-1) = eps_(T-1) / d_(T-1)``
