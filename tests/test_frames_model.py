@@ -73,9 +73,9 @@ def test_masked_values_never_reach_the_score():
     params = torch.randn(x.shape)
     p = MaskedObservations(Independent(Normal(params, torch.ones_like(params)), 4))
     other = x.clone()
-    other[missing] = 1e6  # whatever stands at a missing position, it is NaN that marks it
-    assert torch.equal(p.log_prob(x), p.log_prob(x.masked_fill(missing, float("nan"))))
-    assert not torch.equal(p.log_prob(other), p.log_prob(x))
+    other[missing] = 0.5  # a finite value is an observed one: it is NaN that marks a gap
+    extra = (Normal(params, 1.0).log_prob(torch.full_like(x, 0.5)) * missing).flatten(1).sum(1)
+    torch.testing.assert_close(p.log_prob(other), p.log_prob(x) + extra)
 
 
 # --- the networks -------------------------------------------------------------------------------------
@@ -179,6 +179,7 @@ def test_training_lowers_the_loss_on_gappy_sequences():
 # --- imputation ---------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def test_imputation_metrics_match_a_direct_computation():
     torch.manual_seed(6)
     model = frames_model("diagonal", "standard").eval()
@@ -276,6 +277,51 @@ def test_ragged_sequences_point_to_pad_ragged(tmp_path):
     np.savez(tmp_path / "r.npz", train=ragged)
     with pytest.raises(RhovaeError, match="pad_ragged"):
         load_frames(f"npz:{tmp_path / 'r.npz'}")
+
+
+def test_values_outside_the_unit_interval_need_a_gaussian(tmp_path):
+    name = save(tmp_path / "wide.npz", train=np.linspace(-3, 3, 4 * 3 * 2).reshape(4, 3, 2))
+    for options in ({"unit_interval": True}, {"pixels": "static"}):
+        with pytest.raises(RhovaeError, match=r"outside the \[0, 1\].*--likelihood gaussian"):
+            load_frames(name, **options)
+    assert load_frames(name).train.min() == -3  # a Gaussian likelihood takes them as they are
+
+
+def test_a_missing_rate_the_rule_cannot_give_is_one_line(idx_dir):
+    with pytest.raises(RhovaeError, match="missing-rate 0.9 is too high.*use at most 0.") as e:
+        load_frames("rotating:mnist", idx_dir, limit=5, frames=2, missing_rate=0.9)
+    assert "\n" not in str(e.value)
+
+
+def test_raw_inputs_keep_their_gaps_under_static_pixels(idx_dir, tmp_path):
+    run = tmp_path / "static"
+    flags = "--model frames --latent-dim 2 --hidden 8 --epochs 1 --limit 20 --frames 3 --pixels static"
+    assert main(train_argv(run, flags, data=("--dataset", "rotating:mnist", "--data-dir", str(idx_dir)))) == 0
+    import rhovae
+
+    model = rhovae.load(run)
+    raw = np.full((2, 3, 1, 12, 12), 0.7)
+    raw[:, 1] = np.nan
+    prepared = model.preprocessing(raw)
+    assert prepared[:, 1].isnan().all() and set(prepared[:, 0].unique().tolist()) <= {0.0, 1.0}
+    assert torch.isfinite(model.log_likelihood(raw, k=3)).all()
+
+
+@pytest.mark.parametrize("posterior", FAMILIES)
+def test_free_bits_hold_each_channels_trajectory(posterior):
+    from rhovae.objectives import Objective, per_dimension_kl
+
+    torch.manual_seed(7)
+    model = frames_model(posterior, "standard")
+    x, _, _ = with_gaps()
+    out = model(x)
+    per_channel = per_dimension_kl(out.q, model.prior())
+    assert per_channel.shape == (4, 3)  # one KL per channel's trajectory, summing to the whole KL
+    torch.testing.assert_close(per_channel.sum(1), out.kl)
+    kl_c = per_channel.mean(0)
+    lam = float(kl_c.detach().median()) / 5  # the median channel sits at the floor lam * T, T = 5
+    loss, _ = Objective(free_bits=lam)(out, model)
+    torch.testing.assert_close(loss, out.recon.mean() + kl_c.clamp(min=lam * 5).sum())
 
 
 def test_dynamic_pixels_are_refused_for_frames(idx_dir):

@@ -319,7 +319,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"  test negative ELBO  {result['test_neg_elbo']:.3f} nats/sample "
         f"(reconstruction {result['test_recon']:.3f} + KL {result['test_kl']:.3f})"
     )
-    observed = " of the observed values" if "missing_values" in result else ""
+    observed = " of the observed values" if result.get("observed_fraction", 1.0) < 1 else ""
     print(f"  IWAE NLL (k={args.iwae_k})  {result['iwae_nll']:.3f} ± {result['iwae_nll_se']:.3f}{observed}")
     units = len(result["active_unit_variances"])
     print(f"  active units        {result['active_units']} of {units}")

@@ -298,6 +298,8 @@ def evaluate_run(
         torch.manual_seed(seed)
         terms = elbo_terms(model, x)
         extra = sequence_evaluation(model, x, data, seed) if "vocab" in data.meta else {}
+        if data.meta.get("frames"):  # frame sequences: the bounds are those of the observed values
+            extra["observed_fraction"] = data.meta.get("observed_fraction", {}).get("test", 1.0)
         if "test" in data.truth:  # frame sequences with known complete values
             truth = data.truth["test"]
             truth = truth[: min(limit, len(truth))] if limit > 0 else truth

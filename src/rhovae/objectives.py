@@ -71,8 +71,9 @@ def mmd(x: Tensor, y: Tensor, kernel: str = "imq", unbiased: bool = True) -> Ten
 
 
 def per_dimension_kl(q: Distribution, p: Distribution) -> Tensor | None:
-    """``KL_j`` per latent dimension ``(B, d)`` (``(B, C, H, W)`` over a latent map) when both sides
-    factorise over dimensions (independent univariate components with a registered KL), else None:
+    """``KL_j`` per latent dimension ``(B, d)`` (``(B, C, H, W)`` over a latent map; ``(B, C)``, one per
+    channel's trajectory, for the frames model) when both sides factorise over dimensions (independent
+    components with a registered KL), else None:
     for AR(1), full-covariance and flow posteriors the KL does not split into per-dimension terms."""
     if not (isinstance(q, Independent) and isinstance(p, Independent)):
         return None
@@ -156,10 +157,13 @@ class Objective:
         grouped = group_free_bits_kl(out.q, self.free_bits)  # latent groups: per group
         if grouped is not None:
             return grouped
-        d = model.latent_dim  # every unit, C * H * W for a latent map
+        d = model.latent_dim  # every unit, C * H * W for a latent map, C * T for trajectories
         per_dim = per_dimension_kl(out.q, model.prior()) if out.kl_exact else None
         if per_dim is None:
             return torch.clamp(out.kl.mean(), min=self.free_bits * d)
+        parts = per_dim[0].numel()
+        if parts != d:  # the KL splits into coarser parts (a trajectory per channel): free bits per part
+            return torch.clamp(per_dim.mean(0).reshape(-1), min=self.free_bits * d / parts).sum()
         groups = self.free_bits_groups or d
         per_group = per_dim.mean(0).reshape(groups, d // groups).sum(-1)
         return torch.clamp(per_group, min=self.free_bits * d / groups).sum()

@@ -509,7 +509,7 @@ def prepare_data(cfg: RunConfig, device: torch.device, raw: RawSplits | None = N
 
         return load_frames(
             cfg.dataset, cfg.data_dir or None, cfg.pixels, cfg.val_size, device, cfg.limit or None,
-            cfg.frames, cfg.missing_rate,
+            cfg.frames, cfg.missing_rate, LIKELIHOODS[cfg.likelihood].unit_interval,
         )  # fmt: skip
     backbone = MODELS.get(cfg.model)
     return load_data(

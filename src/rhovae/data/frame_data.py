@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from rhovae.data.core import Data, _split_plan, load_data
-from rhovae.data.frames import check_frame_arrays, mnar_mask, rotating_sequences
+from rhovae.data.frames import DEFAULT_BRIGHT_RATIO, check_frame_arrays, mnar_mask, rotating_sequences
 from rhovae.data.preprocessing import SEEDS, Preprocessing, fixed_binarisation
 from rhovae.data.sources import RawSplits
 from rhovae.errors import RhovaeError
@@ -58,12 +58,14 @@ def load_frames(
     limit: int | None = None,
     frames: int = 10,
     missing_rate: float = 0.6,
+    unit_interval: bool = False,
 ) -> Data:
     """Load ``rotating:NAME`` or ``npz:PATH`` as frame sequences (see the module docstring).
 
     ``pixels``: ``continuous`` (grey levels) or ``static`` (each complete value binarised once with a fixed
     seed, before the mask; the ground truth is the binary frames). ``frames`` and ``missing_rate`` shape
-    ``rotating:`` data only."""
+    ``rotating:`` data only. ``unit_interval`` (Bernoulli-family likelihoods) requires values in [0, 1],
+    as ``static`` binarisation does."""
     if pixels not in ("continuous", "static"):
         raise RhovaeError(
             f"frame sequences take --pixels continuous or static, not {pixels} (a fresh binarisation each "
@@ -76,6 +78,15 @@ def load_frames(
         truth_keys = SPLITS
     else:
         complete, observed, truth_keys, meta, source = _npz_frames(name, data_dir, val_size, limit)
+    unit = all(bool(((t >= 0) & (t <= 1)).all()) for t in complete.values())
+    if not unit and (unit_interval or pixels == "static"):
+        lo = min(float(t.min()) for t in complete.values())
+        hi = max(float(t.max()) for t in complete.values())
+        need = "static binarisation" if pixels == "static" else "a Bernoulli-family likelihood"
+        raise RhovaeError(
+            f"{name}: values lie in [{lo:g}, {hi:g}], outside the [0, 1] that {need} needs; use "
+            "--likelihood gaussian (and --pixels continuous) or rescale the data to [0, 1]"
+        )
     splits: dict[str, Tensor] = {}
     truth: dict[str, Tensor] = {}
     for key in SPLITS:
@@ -90,7 +101,6 @@ def load_frames(
             1.0 if mask is None else round(float(mask.float().mean()), 6)
         )
     data_shape = tuple(splits["train"].shape[1:])
-    unit = all(bool(((t >= 0) & (t <= 1)).all()) for t in complete.values())
     prep = Preprocessing(data_shape, pixels=pixels, images=False, unit_interval=unit)
     return Data(
         splits["train"], splits["val"], splits["test"], pixels, source, name, data_shape,
@@ -111,6 +121,15 @@ def _rotating(
         split = getattr(images, key)
         x = split if isinstance(split, Tensor) else split.to_tensor()
         complete[key], _ = rotating_sequences(x, frames=frames, seed=ROTATION_SEEDS[key])
+        bright = float((complete[key] > 0.5).float().mean())
+        most = (
+            1 + bright * (DEFAULT_BRIGHT_RATIO - 1)
+        ) / DEFAULT_BRIGHT_RATIO  # p_hi = 1 (mnar_probabilities)
+        if missing_rate > most:
+            raise RhovaeError(
+                f"--missing-rate {missing_rate:g} is too high for {name}'s {key} frames ({bright:.1%} bright "
+                f"values, missing {DEFAULT_BRIGHT_RATIO:g}x as often as dark ones): use at most {most:.3f}"
+            )
         observed[key] = mnar_mask(complete[key], missing_rate, seed=MASK_SEEDS[key]) if missing_rate else None
     meta = {
         "frames": frames,

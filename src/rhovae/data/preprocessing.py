@@ -127,8 +127,8 @@ class Preprocessing:
         """
         x, layout = self._as_stack(raw)
         x = self.prepare(x, layout, device)
-        if self.pixels != "continuous":
-            x = fixed_binarisation(x, torch.arange(len(x)), SEEDS["test"])
+        if self.pixels != "continuous":  # a missing value (NaN, frame sequences) stays missing
+            x = torch.where(x.isnan(), x, fixed_binarisation(x, torch.arange(len(x)), SEEDS["test"]))
         return x
 
     # --- raw inputs -------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ class FrameEncoder(nn.Module):
             )
         else:
             c, h, w = self.frame_shape
+            if min(h, w) < 4:
+                raise RhovaeError(
+                    f"frame-net conv needs frames of at least 4x4, got {h}x{w}; use --frame-net mlp"
+                )
             self.frame_net = ConvEncoder((2 * c, h, w), hidden)
         self.net = net
         self.time = nn.Conv1d(hidden, hidden, 3, padding=1)
