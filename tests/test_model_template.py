@@ -9,7 +9,8 @@ from rhovae.model import MODELS, ModelConfig, build_model
 from rhovae.posteriors import HEADS
 
 FAMILIES = sorted(HEADS) + ["planar", "iaf", "ar1+iaf", "ar1+planar"]
-IMAGE_MODELS = [m for m in sorted(MODELS) if m != "lstm"]  # lstm: sequences, its own template below
+# lstm: sequences, its own template below; frames: frame sequences, its own in test_frames_model.py
+IMAGE_MODELS = [m for m in sorted(MODELS) if m not in ("lstm", "frames")]
 PAIRS = [(m, p) for m in IMAGE_MODELS for p in FAMILIES]
 # the overfit runs every base family in every model, and the flows in the MLP (the costly convolutional
 # models add nothing flow-specific there)
