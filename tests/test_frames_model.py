@@ -392,3 +392,18 @@ def test_train_evaluate_explore_on_rotating_frames(tmp_path, idx_dir, capsys):
     # 12x12 frames with 2-pixel gaps: T = 4 columns; 3 sampled sequences, 2 sequences x (input, imputation)
     assert Image.open(tmp_path / "s.png").size == (4 * 14 + 2, 3 * 14 + 2)
     assert Image.open(tmp_path / "r.png").size == (4 * 14 + 2, 4 * 14 + 2)
+
+
+def test_the_banded_head_starts_as_the_diagonal_one():
+    """Zero coupling at initialisation: with the diagonal head's weights, the same posterior exactly."""
+    from rhovae.posteriors import TrajectoryHead
+
+    torch.manual_seed(8)
+    diagonal, banded = TrajectoryHead("diagonal", 6, 3, 5), TrajectoryHead("banded", 6, 3, 5)
+    banded.loc.load_state_dict(diagonal.loc.state_dict())
+    banded.diagonal.load_state_dict(diagonal.log_var.state_dict())
+    h = torch.randn(4, 5, 6)
+    q_d, q_b = diagonal(h), banded(h)
+    z = q_d.sample()
+    torch.testing.assert_close(q_b.log_prob(z), q_d.log_prob(z))
+    torch.testing.assert_close(q_b.variance, q_d.variance)

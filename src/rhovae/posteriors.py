@@ -451,8 +451,11 @@ class TrajectoryHead(nn.Module):
       (the features averaged over the frames), the means per frame;
     - ``banded``: GP-VAE's structured posterior (Fortuin et al., AISTATS 2020), a
       :class:`~rhovae.distributions.BandedNormal` per channel whose precision ``B^T B`` has
-      ``B[t, t] = softplus(Linear(h_t)) + 1e-3`` and ``B[t, t+1] = Linear(h_t || h_(t+1))``: each
-      neighbour pair's coupling from the two frames' features.
+      ``B[t, t] = exp(-Linear(h_t) / 2)`` and ``B[t, t+1] = Linear(h_t || h_(t+1))``: each neighbour
+      pair's coupling from the two frames' features. The coupling layer starts at zero, so the family
+      starts as (and with no coupling is exactly) the diagonal one, whose log-variance head is the
+      same; it can only add correlation. (GP-VAE's code puts a softplus on both bands and adds the
+      identity, with precision ``B B^T``.)
 
     Every family is an ``Independent`` over the channels of a distribution over time, so a prior in the
     same layout (:func:`rhovae.priors.make_trajectory_prior`) gets its closed-form KL per channel.
@@ -473,9 +476,11 @@ class TrajectoryHead(nn.Module):
             self.log_var = nn.Linear(in_features, channels)
         elif family == "ar1":
             self.summary = nn.Linear(in_features, 2 * channels)  # rho, log s per channel
-        else:
+        else:  # B[t, t] = exp(-a_t / 2): with no coupling, exactly the diagonal family (variance e^a_t)
             self.diagonal = nn.Linear(in_features, channels)
             self.coupling = nn.Linear(2 * in_features, channels)
+            nn.init.zeros_(self.coupling.weight)  # starts uncoupled: the diagonal family's posterior
+            nn.init.zeros_(self.coupling.bias)
 
     def forward(self, h: Tensor) -> Distribution:
         loc = self.loc(h).transpose(-1, -2)  # (B, C, T)
@@ -486,6 +491,6 @@ class TrajectoryHead(nn.Module):
             rho_pre, log_var = self.summary(h.mean(-2)).unsqueeze(-1).chunk(2, dim=-2)  # (B, C, 1) each
             scale = torch.exp(0.5 * log_var)
             return Independent(AR1Normal(loc, RHO_BOUND * torch.tanh(rho_pre), scale, validate_args=False), 1)
-        diagonal = torch.nn.functional.softplus(self.diagonal(h)).transpose(-1, -2) + 1e-3
+        diagonal = torch.exp(-0.5 * self.diagonal(h)).transpose(-1, -2)
         upper = self.coupling(torch.cat([h[..., :-1, :], h[..., 1:, :]], -1)).transpose(-1, -2)
         return Independent(BandedNormal(loc, diagonal, upper, validate_args=False), 1)
