@@ -102,11 +102,7 @@ def save_frame_pictures(model, data, run_dir: Path, seed: int = 0, n: int = 4) -
     ax.set_ylabel("z (posterior mean ± 2 sd)")
     ax.set_title("posterior trajectories of test sequence 0")
     ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    path = run_dir / "trajectories.png"
-    _atomic_png(path, lambda p: fig.savefig(p, dpi=100))
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, run_dir / "trajectories.png"))
     return written
 
 
@@ -122,6 +118,20 @@ def image_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndar
         top, left = pad + r * (h + pad), pad + k * (w + pad)
         grid[top : top + h, left : left + w] = x[i].transpose(1, 2, 0)
     return grid
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """A matplotlib figure laid out, written atomically as a PNG (:func:`_atomic_png`, 100 dpi) and
+    closed; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    try:
+        _atomic_png(path, lambda p: fig.savefig(p, dpi=100))
+    finally:
+        plt.close(fig)
+    return path
 
 
 def _atomic_png(path: Path, writer) -> None:
@@ -216,11 +226,7 @@ def save_loss_curves(history: list[dict], path: str | Path, title: str = "") -> 
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    _atomic_png(path, lambda p: fig.savefig(p, dpi=100))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def explore(model, data, out_dir: str | Path, seed: int = 0, n_steps: int = 9) -> list[Path]:
@@ -304,11 +310,7 @@ def explore(model, data, out_dir: str | Path, seed: int = 0, n_steps: int = 9) -
     ax.set_xlabel("principal axis 1")
     ax.set_ylabel("principal axis 2")
     ax.set_title(f"posterior means of {len(xy)} test examples")
-    fig.tight_layout()
-    path = out / "latent_pca.png"
-    _atomic_png(path, lambda p: fig.savefig(p, dpi=100))
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, out / "latent_pca.png"))
     return written
 
 

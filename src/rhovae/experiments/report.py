@@ -368,7 +368,7 @@ def _pictures(exp, out: Path, rows, setup_keys, setups, posteriors) -> list[dict
     import matplotlib.image as mpimg
     import matplotlib.pyplot as plt
 
-    from rhovae.plots import _atomic_png
+    from rhovae.plots import save_figure
 
     pictures = []
     for setup in setups:
@@ -400,10 +400,8 @@ def _pictures(exp, out: Path, rows, setup_keys, setups, posteriors) -> list[dict
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
         path = f"curves-{label}.png"
-        _atomic_png(out / path, lambda p, fig=fig: fig.savefig(p, dpi=100))
-        plt.close(fig)
+        save_figure(fig, out / path)
         pictures.append({"title": f"Test loss per epoch (mean ± sd over seeds): {title}", "path": path})
         for kind in ("samples", "reconstructions"):
             first = {}
@@ -418,10 +416,8 @@ def _pictures(exp, out: Path, rows, setup_keys, setups, posteriors) -> list[dict
                 ax.imshow(mpimg.imread(f), cmap="gray")
                 ax.set_title(str(p))
                 ax.axis("off")
-            fig.tight_layout()
             path = f"{kind}-{label}.png"
-            _atomic_png(out / path, lambda p, fig=fig: fig.savefig(p, dpi=100))
-            plt.close(fig)
+            save_figure(fig, out / path)
             what = (
                 "Random samples from the prior"
                 if kind == "samples"
