@@ -353,6 +353,9 @@ def test_dynamic_pixels_are_refused_for_frames(idx_dir):
         ({"model": "frames", "dataset": "rotating:mnist", "latent_groups": 2}, "latent groups"),
         ({"model": "frames", "dataset": "rotating:mnist", "latent_shape": "2,2,2"}, "latent map"),
         ({"dataset": "rotating:cifar"}, "unknown dataset"),
+        ({"model": "cnn", "dataset": "mnist", "missing_rate": 0.3}, "drop them"),
+        ({"model": "mlp", "dataset": "mnist", "frame_net": "conv"}, "drop it"),
+        ({"model": "frames", "dataset": "npz:x.npz", "frames": 20}, "drop them"),
     ],
 )
 def test_settings_without_a_form_are_refused_in_one_line(settings, message):

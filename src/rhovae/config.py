@@ -414,7 +414,16 @@ class RunConfig(ModelConfig):
         from rhovae.priors import TRAJECTORY_PRIORS
 
         frames_data = self.dataset.startswith("rotating:")
+        if not frames_data and (self.frames, self.missing_rate) != (RunConfig.frames, RunConfig.missing_rate):
+            raise RhovaeError(
+                f"--frames and --missing-rate shape rotating:NAME datasets; {self.dataset} brings its own "
+                "sequences and gaps: drop them"
+            )
         if self.model not in FRAME_MODELS:
+            if self.frame_net != RunConfig.frame_net:
+                raise RhovaeError(
+                    f"--frame-net is the frames model's; the {self.model} model has none: drop it"
+                )
             if self.posterior in TRAJECTORY_ONLY:
                 raise RhovaeError(
                     f"posterior {self.posterior} is a family over latent trajectories: use it with "
