@@ -346,6 +346,49 @@ def test_generation_without_an_end_token_fills_every_step():
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_encoder_is_the_packed_bidirectional_rnn(cell):
+    """The two padded passes compute what one packed bidirectional RNN over the real steps computes
+    (values and gradients), for ragged lengths, a full-length row and an all-padding row; checkpoints
+    written with the bidirectional module's names load into it."""
+    torch.manual_seed(0)
+    width, hidden = 7, 5
+    encoder = LSTMEncoder((9, width), hidden=hidden, cell=cell, out_features=4).double()
+    reference = getattr(torch.nn, cell.upper())(width, hidden, batch_first=True, bidirectional=True).double()
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            direction = encoder.backward_rnn if name.endswith("_reverse") else encoder.forward_rnn
+            p.copy_(getattr(direction, name.removesuffix("_reverse")))
+    lengths = torch.tensor([3, 9, 1, 0, 6])
+    x = torch.randn(5, 9, width, dtype=torch.float64)
+    x[torch.arange(9) >= lengths.unsqueeze(-1)] = 0.0
+    x.requires_grad_(True)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(
+        x, lengths.clamp_min(1), batch_first=True, enforce_sorted=False
+    )
+    state = reference(packed)[1]
+    h_n = state[0] if cell == "lstm" else state
+    expected = encoder.proj(torch.cat([h_n[0], h_n[1]], dim=-1))
+    got = encoder(x)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    weights = torch.randn_like(got)
+    grads = torch.autograd.grad((got * weights).sum(), [x, *encoder.parameters()])
+    ref_grads = torch.autograd.grad((expected * weights).sum(), [x, *reference.parameters()])
+    torch.testing.assert_close(grads[0], ref_grads[0], atol=1e-12, rtol=0)
+    by_name = dict(zip([n for n, _ in reference.named_parameters()], ref_grads[1:], strict=True))
+    for name, grad in zip([n for n, _ in encoder.named_parameters()], grads[1:], strict=True):
+        direction, _, param = name.partition(".")
+        if direction in ("forward_rnn", "backward_rnn"):
+            key = param + ("_reverse" if direction == "backward_rnn" else "")
+            torch.testing.assert_close(grad, by_name[key], atol=1e-12, rtol=0)
+    # the old layout: one bidirectional module called ``rnn``
+    old = {f"rnn.{n}": p.detach().clone() for n, p in reference.named_parameters()}
+    old.update({f"proj.{n}": p.detach().clone() for n, p in encoder.proj.named_parameters()})
+    fresh = LSTMEncoder((9, width), hidden=hidden, cell=cell, out_features=4).double()
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh(x), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_gradients_reach_every_parameter(cell):
     torch.manual_seed(0)
     encoder = LSTMEncoder((8, 7), hidden=6, cell=cell).double()
