@@ -211,3 +211,26 @@ def test_the_lm_table_pairs_runs_when_latent_dim_is_a_grid_key():
     ]  # fmt: skip
     (entry,) = _versus_language_model(exp, rows, ["latent_dim"])
     assert entry["iwae_nll"]["mean"] == pytest.approx(8.0) and entry["iwae_nll"]["n"] == 2
+
+
+def test_reports_name_each_runs_posterior_where_the_grid_does_not_vary_it(tmp_path):
+    """A remedy may set the family itself (``bn-vae-ar1 = {posterior = "ar1"}``): the report's posterior
+    column then says ar1 for it, the fixed setting for the others and none for the language model."""
+    toml = tmp_path / "exp.toml"
+    toml.write_text(
+        'name = "x"\n[grid]\nseed = [0]\nmodel = ["lstm"]\ndataset = ["nas201"]\n'
+        'remedy = ["lm", "plain", "bn-ar1"]\n'
+        '[options.remedy]\nlm = { latent_dim = 0 }\nplain = {}\n'
+        'bn-ar1 = { bn_gamma = 0.5, posterior = "ar1" }\n'
+        "[run]\nepochs = 1\nlimit = 64\nlatent_dim = 3\nhidden = 8\nbatch_size = 32\npictures = false\n"
+        'posterior = "diagonal"\n'
+        "[evaluate]\niwae_k = 2\niwae_limit = 8\n"
+    )
+    assert main(["compare", str(toml), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [(s["remedy"], s["posterior"]) for s in report["summary"]] == [
+        ("lm", "none"), ("plain", "diagonal"), ("bn-ar1", "ar1")
+    ]  # fmt: skip
+    with open(tmp_path / "out" / "runs.csv") as f:
+        assert [r["posterior"] for r in csv.DictReader(f)] == ["none", "diagonal", "ar1"]
+    assert "| lstm | nas201 | bn-ar1 | ar1 |" in (tmp_path / "out" / "report.md").read_text()

@@ -79,6 +79,8 @@ def _collect(exp: Experiment, out: Path) -> list[dict[str, Any]]:
             with open(run_dir / "metrics.csv", encoding="utf-8", newline="") as f:
                 history = list(csv.DictReader(f))
             row = {"run": rid, **choices, "kl_estimator": cfg.kl_estimator}
+            # the posterior column names each run's family also where the grid does not vary it
+            row.setdefault("posterior", "none" if cfg.latent_dim == 0 else cfg.posterior)
             row.update({k: record[k] for k in METRICS + OPTIONAL_METRICS if k in record})
             row["epoch_seconds"] = sum(float(h["epoch_seconds"]) for h in history) / len(history)
             row["_train_seconds"] = sum(float(h["epoch_seconds"]) for h in history)
@@ -133,7 +135,9 @@ def write_report(exp: Experiment, out: str | Path, wall_seconds: float | None = 
                 continue
             entry = {
                 **dict(zip(setup_keys, setup, strict=True)),
-                "posterior": post,
+                "posterior": post
+                if post is not None
+                else "/".join(dict.fromkeys(r["posterior"] for r in group)),
                 "seeds": len(group),
                 "parameters": group[0]["parameters"],
             }
