@@ -2,9 +2,9 @@
 
 rhovae's own trainer (``make_run`` + ``train_epoch``) on the ``words`` training split: one epoch of the
 language model (``latent_dim = 0``: the decoder alone, one LSTM pass), of the VAE with the diagonal and
-the AR(1) posterior (the encoder's two directions and the teacher-forced decoder: three LSTM passes), taking turns
-for ``--repeats`` rounds after a warm-up epoch each (best epoch, and the median ratio within a round); the
-target is VAE ≤ 2.5× LM at the same width.
+the AR(1) posterior (the encoder's two directions and the teacher-forced decoder: three LSTM passes),
+taking turns for ``--repeats`` rounds after a warm-up epoch each (best epoch, and the median ratio
+within a round); the target is VAE ≤ 2.5× LM at the same width.
 Aggressive training (He et al. 2019) is timed on its first ``--aggressive-steps`` ordinary steps (each
 preceded by its encoder-only inner loop) and reported per ordinary step and as encoder steps per
 ordinary step, against the plain VAE's step.
@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--aggressive-steps", type=int, default=10)
     args = parser.parse_args()
+    if args.repeats < 1 or args.aggressive_steps < 1:
+        parser.error("--repeats and --aggressive-steps must be at least 1")
     base = dict(model="lstm", dataset="words", hidden=args.hidden, batch_size=args.batch_size, device="cpu",
                 limit=args.limit, pictures=False)  # fmt: skip
     data = load_data("words", limit=args.limit or None)

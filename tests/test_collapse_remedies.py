@@ -220,7 +220,7 @@ def test_reports_name_each_runs_posterior_where_the_grid_does_not_vary_it(tmp_pa
     toml.write_text(
         'name = "x"\n[grid]\nseed = [0]\nmodel = ["lstm"]\ndataset = ["nas201"]\n'
         'remedy = ["lm", "plain", "bn-ar1"]\n'
-        '[options.remedy]\nlm = { latent_dim = 0 }\nplain = {}\n'
+        "[options.remedy]\nlm = { latent_dim = 0 }\nplain = {}\n"
         'bn-ar1 = { bn_gamma = 0.5, posterior = "ar1" }\n'
         "[run]\nepochs = 1\nlimit = 64\nlatent_dim = 3\nhidden = 8\nbatch_size = 32\npictures = false\n"
         'posterior = "diagonal"\n'

@@ -39,9 +39,10 @@ class LSTMEncoder(nn.Module):
     forward direction's state is taken at the sequence's last real step, and the backward direction
     reads the sequence reversed within its length, starting at its own last real step. This is what a
     packed bidirectional LSTM computes (``pack_padded_sequence``; tested against it), done as two padded
-    passes because the padded LSTM runs as one fused kernel on CPU (oneDNN) where the packed one
-    steps in Python-level matrix products, about 4x slower at width 128. ``out_features`` defaults to
-    ``hidden``.
+    passes because in float32 on CPU the padded LSTM runs as one fused oneDNN kernel where the packed
+    one runs ATen's step loop (benchmarks/bench_collapse.py: the VAE's epoch on ``words`` at width 128
+    went from 4.2x to 2.6x its language model's). The GRU has no fused CPU kernel: it reads every padded
+    step. ``out_features`` defaults to ``hidden``.
     """
 
     def __init__(
