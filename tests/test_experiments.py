@@ -4,6 +4,7 @@ import csv
 import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,16 @@ def test_option_bundles_vary_several_settings_at_once(idx_dir, tmp_path):
         exp.points()
     for preset in ("sequences", "hierarchy"):
         assert len(load_experiment(preset).points()) in (90, 24)
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).parent.parent.glob("configs/*.toml")), ids=lambda p: p.name
+)
+def test_shipped_configs_load_and_every_run_validates(path):
+    """Every experiment file in configs/ (the commands of the README and docs/results.md) expands to its
+    grid, and every grid point is a valid run config: a typo in one is a failing test, not a failed
+    hour-long compare."""
+    exp = load_experiment(path)
+    configs = exp.configs()
+    assert configs and exp.name == path.stem
+    assert len({rid for rid, _, _ in exp.points()}) == len(configs)
